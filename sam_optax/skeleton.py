@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _tree, _validate
+from sam_optax import _tree, _validate, _xla_cpu
 from sam_optax.combines import probe_gradient
 from sam_optax.pieces import Combine, Context, Perturbation, Policy
 from sam_optax.policies import always
@@ -196,13 +196,18 @@ def sharpness_aware(
         rho_t = rho(state.count) if callable(rho) else rho
         ctx = Context(params, state.count, rho_t, eps, axis_name, extra_args, flags)
 
-        def probe_branch(_):
+        def evaluate(w_p):
+            return grad_fn(w_p) if probe is None else probe(w_p, ctx)
+
+        def probe_branch(in_cond):
             e, p_state = perturbation.perturb(_tree.apply_mask(g, flags), state.perturbation, ctx)
             e = _tree.apply_mask(e, flags)
             w_p = jax.tree.map(
                 lambda w, d: (w.astype(_tree.accum_dtype(w.dtype)) + d).astype(w.dtype), params, e
             )
-            g_p = grad_fn(w_p) if probe is None else probe(w_p, ctx)
+            # In a conditional branch XLA:CPU leaves autodiff's convolutions off its
+            # fast path (see _xla_cpu); the rewrite keeps a probing step as fast there.
+            g_p = _xla_cpu.canonical_convolutions(evaluate)(w_p) if in_cond else evaluate(w_p)
             _check_probe(g_p, updates, name)
             out, c_state = combine.combine(g, _tree.to_accum(g_p), state.combine, ctx)
             return out, p_state, c_state
@@ -222,11 +227,13 @@ def sharpness_aware(
                 take = jnp.logical_and(take, jnp.asarray(rho_t) > 0)
 
         if take is True:
-            out, p_state, c_state = probe_branch(None)
+            out, p_state, c_state = probe_branch(False)
         elif take is False:
             out, p_state, c_state = skip_branch(None)
         else:
-            out, p_state, c_state = jax.lax.cond(take, probe_branch, skip_branch, None)
+            out, p_state, c_state = jax.lax.cond(
+                take, lambda _: probe_branch(True), skip_branch, None
+            )
         if axis_name is not None:
             out = jax.lax.pmean(out, axis_name)
         new_state = SharpnessAwareState(

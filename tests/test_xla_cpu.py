@@ -1,0 +1,157 @@
+"""The probe's convolutions stay canonical (XLA:CPU's fast path) inside ``lax.cond``."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import sam_optax
+from sam_optax._xla_cpu import canonical_convolutions
+
+# (input layout, kernel layout, output layout, input shape, kernel shape, groups, strides, dilation)
+CONVS = [
+    ("NWC", "WIO", "NWC", (4, 11, 6), (3, 6, 5), 1, (2,), (1,)),
+    ("NCW", "OIW", "NCW", (4, 6, 11), (5, 6, 3), 1, (1,), (2,)),
+    ("NHWC", "HWIO", "NHWC", (2, 7, 8, 4), (3, 3, 4, 6), 1, (2, 1), (1, 1)),
+    ("NCHW", "OIHW", "NCHW", (2, 4, 7, 8), (6, 2, 3, 3), 2, (1, 2), (1, 2)),
+    ("NHWC", "OIHW", "NCHW", (2, 7, 8, 4), (8, 1, 3, 3), 4, (1, 1), (1, 1)),
+]
+
+
+def conv_loss(layout):
+    lhs_spec, rhs_spec, out_spec, _, _, groups, strides, dilation = layout
+
+    def loss(w, x):
+        y = lax.conv_general_dilated(
+            x,
+            w,
+            strides,
+            "SAME",
+            rhs_dilation=dilation,
+            dimension_numbers=(lhs_spec, rhs_spec, out_spec),
+            feature_group_count=groups,
+        )
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    return loss
+
+
+def arrays(layout, seed=0):
+    kw, kx = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kw, layout[4]), jax.random.normal(kx, layout[3])
+
+
+def dim_labels(hlo_text):
+    return re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", hlo_text)
+
+
+def is_canonical(label):
+    """``b<spatial>f_<spatial>io-><b><spatial>f``: Eigen's input, kernel and output order."""
+    return re.fullmatch(r"b(\d+)f_(\d+)io->b(\d+)f", label) is not None
+
+
+@pytest.mark.parametrize("layout", CONVS, ids=[c[0] + "/" + c[1] for c in CONVS])
+def test_rewrite_gives_the_same_values_and_gradients(layout):
+    loss = conv_loss(layout)
+    w, x = arrays(layout)
+    grads = jax.grad(loss, argnums=(0, 1))
+    want = jax.jit(grads)(w, x)
+    got = jax.jit(canonical_convolutions(grads))(w, x)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(canonical_convolutions(loss))(w, x), jax.jit(loss)(w, x), rtol=1e-6
+    )
+
+
+def branch_labels(grads, *args):
+    """The convolutions' dimension labels of ``grads`` compiled inside a conditional branch."""
+
+    def step(take, *args):
+        return lax.cond(take, grads, lambda *a: jax.tree.map(jnp.zeros_like, a), *args)
+
+    return dim_labels(jax.jit(step).lower(True, *args).compile().as_text())
+
+
+@pytest.mark.parametrize("layout", CONVS, ids=[c[0] + "/" + c[1] for c in CONVS])
+def test_convolutions_in_a_conditional_branch_are_those_of_the_top_level(layout):
+    """Inside the branch XLA:CPU gets the convolutions it makes of a top-level program."""
+    grads = jax.grad(conv_loss(layout), argnums=(0, 1))
+    w, x = arrays(layout)
+    top = dim_labels(jax.jit(grads).lower(w, x).compile().as_text())
+    labels = branch_labels(canonical_convolutions(grads), w, x)
+    assert len(labels) == 3  # forward, input gradient and kernel gradient
+    if layout[5] == 1:
+        assert sorted(labels) == sorted(top)
+        assert all(is_canonical(label) for label in labels), labels
+    else:  # XLA expands a grouped kernel gradient after the rewrite: only it stays off
+        assert sum(not is_canonical(label) for label in labels) <= 1, labels
+    assert not all(is_canonical(label) for label in branch_labels(grads, w, x))
+
+
+def test_convolutions_inside_a_nested_jit_are_rewritten():
+    layout = CONVS[1]
+    inner = jax.jit(conv_loss(layout))
+    w, x = arrays(layout)
+    grads = jax.grad(lambda w, x: 2.0 * inner(w, x), argnums=(0, 1))
+    labels = branch_labels(canonical_convolutions(grads), w, x)
+    assert len(labels) == 3 and all(is_canonical(label) for label in labels), labels
+    for a, b in zip(
+        jax.jit(canonical_convolutions(grads))(w, x), jax.jit(grads)(w, x), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_closure_over_traced_values_and_callbacks():
+    """The probe closes over the step's tracers and may run host callbacks."""
+    layout = CONVS[0]
+    loss = conv_loss(layout)
+    w, x = arrays(layout)
+    seen = []
+
+    @jax.jit
+    def step(w, x, scale):
+        def fn(v):
+            jax.debug.callback(lambda: seen.append(1))
+            return jax.grad(lambda v: scale * loss(v, x))(v)
+
+        return lax.cond(scale > 0, canonical_convolutions(fn), jnp.zeros_like, w)
+
+    got = step(w, x, 3.0)
+    jax.block_until_ready(got)
+    np.testing.assert_allclose(got, 3.0 * jax.jit(jax.grad(loss))(w, x), rtol=1e-5)
+    assert seen == [1]
+    jax.block_until_ready(step(w, x, -1.0))
+    assert seen == [1]
+
+
+def test_a_sharpness_aware_step_with_a_policy_keeps_its_convolutions_canonical():
+    """SAM every 2 steps on a 1-D CNN: the probe sits in ``lax.cond``, all convs canonical."""
+    layout = CONVS[0]
+    loss = conv_loss(layout)
+    w, x = arrays(layout)
+    tx = optax.chain(sam_optax.sam(0.05, policy=sam_optax.policies.every(2)), optax.sgd(0.1))
+
+    def step(w, state):
+        g = jax.grad(loss)(w, x)
+        updates, state = tx.update(g, state, w, grad_fn=lambda v: jax.grad(loss)(v, x))
+        return optax.apply_updates(w, updates), state
+
+    compiled = jax.jit(step).lower(w, tx.init(w)).compile()
+    assert "conditional" in compiled.as_text()
+    labels = dim_labels(compiled.as_text())
+    assert len(labels) == 4  # the clean pass's and the probe's forward and kernel gradient
+    assert all(is_canonical(label) for label in labels), labels
+    w1, state = jax.jit(step)(w, tx.init(w))
+    assert int(state[0].probes) == 1
+    # The probing step equals plain SAM's.
+    sam = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1))
+    g = jax.grad(loss)(w, x)
+    updates, _ = sam.update(g, sam.init(w), w, grad_fn=lambda v: jax.grad(loss)(v, x))
+    np.testing.assert_allclose(w1, optax.apply_updates(w, updates), rtol=1e-5, atol=1e-6)
