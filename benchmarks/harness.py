@@ -199,16 +199,16 @@ def models(quick: bool) -> list[Model]:
     if quick:
         return [Model("mlp", "MLP", MLP((128, 128)), _normal_batch((784,)), 64, 5)]
     return [
-        Model("mlp", "MLP", MLP((256, 256)), _normal_batch((784,)), 128, 12),
-        Model("cnn1d", "MNIST-1D CNN", CNN1D(32), _normal_batch((40,)), 128, 12),
-        Model("resnet", "ResNet (32x32x3)", ResNet((8, 16, 32)), _normal_batch((32, 32, 3)), 32, 6),
+        Model("mlp", "MLP", MLP((256, 256)), _normal_batch((784,)), 128, 30),
+        Model("cnn1d", "MNIST-1D CNN", CNN1D(32), _normal_batch((40,)), 128, 30),
+        Model("resnet", "ResNet (32x32x3)", ResNet((8, 16, 32)), _normal_batch((32, 32, 3)), 32, 20),
         Model(
             "transformer",
             "Transformer encoder",
             Transformer(vocab=1024, length=32, dim=64, heads=4, layers=2),
             _token_batch(1024, 32),
             16,
-            6,
+            20,
         ),
     ]
 

@@ -133,9 +133,16 @@ def weighted_sharpness(gamma: float | jax.Array = 0.9) -> Combine:
 
 
 class LookSAMState(NamedTuple):
-    """State of :func:`looksam_reuse`: the stored orthogonal part ``g_v`` (float32)."""
+    """State of :func:`looksam_reuse`.
+
+    Attributes:
+      g_v: the stored orthogonal part of the last probe gradient (float32).
+      g_v_norm: its norm, float32 of shape ``[1]``, or ``[leaves]`` per leaf with
+        ``layerwise=True``; stored so that a skipped step does not recompute it.
+    """
 
     g_v: PyTree
+    g_v_norm: jax.Array
 
 
 def _groups(tree: PyTree, layerwise: bool) -> list[PyTree]:
@@ -196,7 +203,8 @@ def looksam_reuse(
     _validate.non_negative("alpha", alpha)
 
     def init(params):
-        return LookSAMState(g_v=_tree.zeros_like_accum(params))
+        groups = len(jax.tree.leaves(params)) if layerwise else 1
+        return LookSAMState(_tree.zeros_like_accum(params), jnp.zeros([groups], jnp.float32))
 
     def combine(g, g_p, state, ctx):
         g_m, s_m = _tree.apply_mask(g, ctx.mask), _tree.apply_mask(g_p, ctx.mask)
@@ -205,13 +213,15 @@ def looksam_reuse(
             coef = _tree.vdot(g_i, s_i) / (jnp.square(_tree.global_norm(g_i)) + ctx.eps)
             parts.append(jax.tree.map(lambda s, x, c=coef: s - c * x, s_i, g_i))
         g_v = jax.tree.unflatten(jax.tree.structure(g), parts) if layerwise else parts[0]
-        return g_p, LookSAMState(g_v=_tree.cast_like(g_v, state.g_v))
+        g_v = _tree.cast_like(g_v, state.g_v)
+        norms = jnp.stack([_tree.global_norm(v_i) for v_i in _groups(g_v, layerwise)])
+        return g_p, LookSAMState(g_v, norms.astype(jnp.float32))
 
     def fallback(g, state, ctx):
         g_m = _tree.apply_mask(g, ctx.mask)
         scales = [
-            alpha * _tree.global_norm(g_i) / (_tree.global_norm(v_i) + ctx.eps)
-            for g_i, v_i in zip(_groups(g_m, layerwise), _groups(state.g_v, layerwise), strict=True)
+            alpha * _tree.global_norm(g_i) / (state.g_v_norm[i] + ctx.eps)
+            for i, g_i in enumerate(_groups(g_m, layerwise))
         ]
         if not layerwise:
             scales = scales * len(jax.tree.leaves(g))

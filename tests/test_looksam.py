@@ -94,6 +94,14 @@ def test_twelve_steps_match_numpy(layerwise, calls):
         got_gv = as_np(state[0].combine.g_v)
         np.testing.assert_allclose(got_gv[0], want_gv[t][0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got_gv[1], want_gv[t][1], rtol=1e-4, atol=1e-5)
+        # The stored norm (reused by skipped steps) is the norm of the stored g_v.
+        v = want_gv[t]
+        want_norm = (
+            [np.linalg.norm(x) for x in v]
+            if layerwise
+            else [np.linalg.norm(np.concatenate([x.ravel() for x in v]))]
+        )
+        np.testing.assert_allclose(state[0].combine.g_v_norm, want_norm, rtol=1e-4, atol=1e-6)
     assert int(state[0].probes) == 3 and int(state[0].count) == 12
 
 
