@@ -204,7 +204,9 @@ def models(quick: bool) -> list[Model]:
     return [
         Model("mlp", "MLP", MLP((256, 256)), _normal_batch((784,)), 128, 20),
         Model("cnn1d", "MNIST-1D CNN", CNN1D(32), _normal_batch((40,)), 128, 20),
-        Model("resnet", "ResNet (32x32x3)", ResNet((8, 16, 32)), _normal_batch((32, 32, 3)), 32, 12),
+        Model(
+            "resnet", "ResNet (32x32x3)", ResNet((8, 16, 32)), _normal_batch((32, 32, 3)), 32, 12
+        ),
         Model(
             "transformer",
             "Transformer encoder",

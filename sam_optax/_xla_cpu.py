@@ -64,7 +64,7 @@ def _inlinable(eqn: jcore.JaxprEqn) -> bool:
     shardings = (*params["in_shardings"], *params["out_shardings"])
     layouts = (*params.get("in_layouts", ()), *params.get("out_layouts", ()))
     return (
-        all(type(s).__name__ == "UnspecifiedValue" for s in shardings)
+        not any(isinstance(s, jax.sharding.Sharding) for s in shardings)
         and all(layout is None for layout in layouts)
         and not params.get("compiler_options_kvs")
     )

@@ -155,3 +155,21 @@ def test_a_sharpness_aware_step_with_a_policy_keeps_its_convolutions_canonical()
     g = jax.grad(loss)(w, x)
     updates, _ = sam.update(g, sam.init(w), w, grad_fn=lambda v: jax.grad(loss)(v, x))
     np.testing.assert_allclose(w1, optax.apply_updates(w, updates), rtol=1e-5, atol=1e-6)
+
+
+def test_a_nested_jit_with_its_own_shardings_is_kept_as_it_is():
+    from sam_optax._xla_cpu import _rewritten
+
+    layout = CONVS[0]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    inner = jax.jit(conv_loss(layout), out_shardings=device)
+    w, x = arrays(layout)
+    grads = jax.grad(lambda w, x: inner(w, x))
+    eqns = jax.make_jaxpr(_rewritten(grads))(w, x).jaxpr.eqns
+    kept = [e for e in eqns if e.primitive.name in ("jit", "pjit")]
+    assert any(
+        isinstance(s, jax.sharding.Sharding) for e in kept for s in e.params["out_shardings"]
+    )
+    np.testing.assert_allclose(
+        jax.jit(canonical_convolutions(grads))(w, x), jax.jit(grads)(w, x), rtol=1e-6
+    )
