@@ -12,8 +12,8 @@ conditional.
 
 :func:`canonical_convolutions` does the pass's rewrite at the jaxpr level: it
 traces a function and re-evaluates its jaxpr with every convolution expressed as
-a transpose, a canonical convolution and a transpose back. The result is the
-same to the last bit (the transposes only relabel dimensions). The rewrite is
+a transpose, a canonical convolution and a transpose back. The arithmetic is the
+same (the transposes only relabel dimensions). The rewrite is
 staged with ``lax.platform_dependent``, so only CPU programs contain it.
 Convolutions inside nested jitted functions are rewritten too; those inside other
 higher-order primitives (``scan``, ``while``, ``remat``, custom derivatives) are
