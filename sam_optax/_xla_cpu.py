@@ -87,7 +87,10 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) ->
             outvals = _evaluate(inner.jaxpr, inner.consts, invals)
         else:
             bind_params = eqn.primitive.get_bind_params(eqn.params)
-            outvals = eqn.primitive.bind(*invals, **bind_params)
+            subfuns = ()
+            if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+                subfuns, bind_params = bind_params
+            outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
             if not eqn.primitive.multiple_results:
                 outvals = [outvals]
         env.update(zip(eqn.outvars, outvals, strict=True))
