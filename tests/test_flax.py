@@ -47,6 +47,18 @@ class LinenNet(nn.Module):
         return nn.Dense(2)(x)
 
 
+def linen_state(tx, x):
+    """A TrainState of :class:`LinenNet` with its BatchNorm statistics, and its variables."""
+    variables = LinenNet().init(jax.random.key(0), x, train=False)
+    state = sam_optax.flax.TrainState.create(
+        apply_fn=LinenNet().apply,
+        params=variables["params"],
+        model_state={"batch_stats": variables["batch_stats"]},
+        tx=tx,
+    )
+    return state, variables
+
+
 def nnx_loss(model, x, y):
     return xent(model(x), y)
 
@@ -77,14 +89,7 @@ def test_nnx_model_trains_with_every_method(name):
 @pytest.mark.parametrize("name", sorted(registry.METHODS))
 def test_linen_model_trains_with_every_method(name):
     x, y = data()
-    model = LinenNet()
-    variables = model.init(jax.random.key(0), x, train=False)
-    state = sam_optax.flax.TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        model_state={"batch_stats": variables["batch_stats"]},
-        tx=make_tx(name),
-    )
+    state, _ = linen_state(make_tx(name), x)
 
     @jax.jit
     def step(state, key):
@@ -140,15 +145,10 @@ def test_batch_stats_after_sam_step_equal_clean_pass(method):
     assert int(optimizer.opt_state[0].probes[...]) == 1
 
     # Linen: the same.
-    linen = LinenNet()
-    variables = linen.init(jax.random.key(0), x, train=False)
+    state, variables = linen_state(optax.chain(method(), optax.sgd(0.1)), x)
     key = jax.random.key(3)
-    _, clean = linen.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-    state = sam_optax.flax.TrainState.create(
-        apply_fn=linen.apply,
-        params=variables["params"],
-        model_state={"batch_stats": variables["batch_stats"]},
-        tx=optax.chain(method(), optax.sgd(0.1)),
+    _, clean = LinenNet().apply(
+        variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
     )
     state, _ = jax.jit(
         lambda s: sam_optax.flax.linen_step(
@@ -160,14 +160,7 @@ def test_batch_stats_after_sam_step_equal_clean_pass(method):
 
 def test_linen_probe_uses_same_dropout_key():
     x, y = data()
-    linen = LinenNet()
-    variables = linen.init(jax.random.key(0), x, train=False)
-    state = sam_optax.flax.TrainState.create(
-        apply_fn=linen.apply,
-        params=variables["params"],
-        model_state={"batch_stats": variables["batch_stats"]},
-        tx=optax.chain(probe_checker()),
-    )
+    state, _ = linen_state(optax.chain(probe_checker()), x)
     new_state, _ = sam_optax.flax.linen_step(
         state, lambda out: xent(out, y), x, train=True, rngs={"dropout": jax.random.key(5)}
     )
