@@ -143,3 +143,21 @@ def test_quick_run_all_records_every_method(tmp_path):
     contrib = _section(text, "vs_optax_contrib")
     for label in ("sam_optax.sam", "optax.contrib.sam (opaque)", "optax.contrib.sam (transparent)"):
         assert f"`{label}`" in contrib
+
+
+def test_checked_in_readme_has_each_heading_and_section_once():
+    """Hand edits around the generated sections leave no duplicated prose behind."""
+    text = (BENCHMARKS / "README.md").read_text()
+    lines = text.splitlines()
+    headings = [line for line in lines if line.startswith("#")]
+    assert len(headings) == len(set(headings)), headings
+    paragraphs = [
+        p.strip()
+        for p in re.split(r"\n\s*\n", text)
+        if len(p.strip()) > 80 and not p.startswith("Device: ")
+    ]
+    assert len(paragraphs) == len(set(paragraphs))
+    begins = [line[11:-4] for line in lines if re.fullmatch(r"<!-- BEGIN \S+ -->", line)]
+    ends = [line[9:-4] for line in lines if re.fullmatch(r"<!-- END \S+ -->", line)]
+    assert begins == ends and len(begins) == len(set(begins))
+    assert {f"{name}-cpu" for name in SECTIONS} <= set(begins)
