@@ -7,14 +7,17 @@ the extra arguments that any method of the library may need (``grad_fn``,
 transformation ignores the ones it does not use.
 
 Timing runs the contenders side by side in one process: each contender's training
-step is compiled once (``jax.jit`` with the carry donated) and warmed, then every
-contender runs ``CHUNK`` consecutive steps per round, blocked on the results, in
-interleaved rounds whose order rotates. A contender's time per step is the median over
-rounds of (round time / ``CHUNK``). ``CHUNK = 20`` holds a whole number of periods of
-the ``k = 5`` methods, so skipped and probing steps are averaged fairly, and is long
-enough that the cold caches at the start of a contender's turn (the previous contender
-has just run) weigh little: with 10 steps, SWA, whose state is one more copy of the
-parameters, read 1.2x ERM on the MLP among 20 contenders, with 20 steps 0.98x.
+step is compiled once (``jax.jit`` with the carry donated) and warmed. Then, in each
+round, every contender runs ``CHUNK`` consecutive steps, blocked on the results, right
+after the reference (ERM) has run its own ``CHUNK`` steps; the order of the contenders
+rotates from round to round. A contender's ratio to ERM is the median over rounds of
+(its round time / the reference's round time just before). Pairing cancels what drifts
+on a shared virtual machine, and every contender starts its turn after the same
+predecessor: with one fixed cyclic order, each contender always followed the same
+other one, and two identical contenders read up to 0.25x apart. ``CHUNK = 20`` holds a
+whole number of periods of the ``k = 5`` methods, so skipped and probing steps are
+averaged fairly, and is long enough that the cold caches at the start of a turn weigh
+little.
 """
 
 from __future__ import annotations
@@ -490,19 +493,49 @@ class Runner:
         jax.block_until_ready((self.carry, loss))
 
 
-def interleaved_times(runners: Sequence[Runner], rounds: int) -> dict[str, float]:
-    """Median time per step of each runner, timed side by side in rotating rounds."""
-    for runner in runners:
+class Timing(NamedTuple):
+    """What :func:`paired_times` measured for one runner.
+
+    Attributes:
+      seconds: the median time per step over the rounds.
+      ratio: the median over rounds of the runner's round time divided by the
+        reference's round time just before it (1.0 for the reference itself).
+    """
+
+    seconds: float
+    ratio: float
+
+
+def paired_times(reference: Runner, runners: Sequence[Runner], rounds: int) -> dict[str, Timing]:
+    """Times every runner against ``reference``, each turn right after a turn of it.
+
+    Every round runs ``reference`` then one runner, for each runner in an order that
+    rotates from round to round.
+    """
+    for runner in [reference, *runners]:
         for _ in range(WARMUP):
             runner()
-    samples: dict[str, list[float]] = {r.label: [] for r in runners}
+
+    def timed(runner: Runner) -> float:
+        start = time.perf_counter()
+        runner()
+        return (time.perf_counter() - start) / CHUNK
+
+    samples: dict[str, list[float]] = {r.label: [] for r in [reference, *runners]}
+    ratios: dict[str, list[float]] = {r.label: [] for r in runners}
     for i in range(rounds):
         shift = i % len(runners)
         for runner in [*runners[shift:], *runners[:shift]]:
-            start = time.perf_counter()
-            runner()
-            samples[runner.label].append((time.perf_counter() - start) / CHUNK)
-    return {label: statistics.median(values) for label, values in samples.items()}
+            base = timed(reference)
+            seconds = timed(runner)
+            samples[reference.label].append(base)
+            samples[runner.label].append(seconds)
+            ratios[runner.label].append(seconds / base)
+    out = {reference.label: Timing(statistics.median(samples[reference.label]), 1.0)}
+    for runner in runners:
+        label = runner.label
+        out[label] = Timing(statistics.median(samples[label]), statistics.median(ratios[label]))
+    return out
 
 
 # ---------------------------------------------------------------------------- tables

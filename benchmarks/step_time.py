@@ -24,13 +24,13 @@ EFFICIENT_MODELS = ("mlp", "cnn1d")
 
 def measure(model: harness.Model, contenders: Sequence[harness.Contender]) -> dict:
     """``label -> (ms per step, ratio to ERM, probe fraction)`` for one model."""
-    erm = harness.erm_contender()
-    runners = [harness.Runner(c.label, model, harness.build(model, c)) for c in [erm, *contenders]]
-    times = harness.interleaved_times(runners, model.rounds)
-    base = times[erm.label]
+    reference = harness.erm_contender()
+    erm = harness.Runner(reference.label, model, harness.build(model, reference))
+    runners = [harness.Runner(c.label, model, harness.build(model, c)) for c in contenders]
+    times = harness.paired_times(erm, runners, model.rounds)
     return {
-        r.label: (1e3 * times[r.label], times[r.label] / base, probe_fraction(r.carry[2]))
-        for r in runners
+        r.label: (1e3 * times[r.label].seconds, times[r.label].ratio, probe_fraction(r.carry[2]))
+        for r in [erm, *runners]
     }
 
 
@@ -79,9 +79,10 @@ def _step_time_section(quick, model_list, methods, results) -> harness.Section:
         )
     body = (
         harness.markdown_table(header, rows)
-        + "\n\nRatio of the median time per step to ERM's (the same step, base optimizer "
-        "alone), measured side by side in one process; `pass` when every model meets the "
-        "target. The `sgd` row is ERM timed as a separate contender (the noise floor)."
+        + "\n\nMedian over rounds of a contender's time for 20 steps divided by ERM's (the same "
+        "step, base optimizer alone) for the 20 steps run just before it, in one process; "
+        "`pass` when every model meets the target. The `sgd` row is ERM timed as a separate "
+        "contender (the noise floor)."
     )
     return harness.section("step_time", "Step time relative to ERM", quick, body)
 
