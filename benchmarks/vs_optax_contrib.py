@@ -17,6 +17,8 @@ import harness
 import optax
 
 RHO = harness.registry.METHODS["sam"].defaults["rho"]  # the same SAM as the registry's
+# Four contenders against a 1.02x target: more rounds than the step-time table's.
+ROUNDS_FACTOR = 3
 
 
 def contrib_sam(opaque: bool) -> optax.GradientTransformation:
@@ -55,24 +57,25 @@ def measure(model: harness.Model) -> list[list[str]]:
         built = harness.build(model, contender, args)
         state_bytes[label] = harness.tree_bytes(built.tx.init(model.init()[0]))
         runners.append(harness.Runner(label, model, built, calls))
-    erm, *others = runners
-    times = harness.paired_times(erm, others, model.rounds)
-    ours, t_opaque = times["sam_optax.sam"].ratio, times[opaque.label].ratio
-    t_transparent = times[transparent.label].ratio
+    reference = next(r for r in runners if r.label == opaque.label)
+    others = [r for r in runners if r is not reference]
+    times = harness.paired_times(reference, others, ROUNDS_FACTOR * model.rounds)
+    erm = times["sgd (ERM)"].ratio
+    ours, t_transparent = times["sam_optax.sam"].ratio, times[transparent.label].ratio
     rows = []
     for label, _, _, _ in setups:
         t = times[label]
         target, verdict = "—", "—"
         if label == "sam_optax.sam":
             target = "≤ 1.02x opaque, < transparent"
-            verdict = "pass" if ours <= 1.02 * t_opaque and ours < t_transparent else "FAIL"
+            verdict = "pass" if ours <= 1.02 and ours < t_transparent else "FAIL"
         rows.append(
             [
                 model.title,
                 f"`{label}`",
                 f"{1e3 * t.seconds:.3f}",
+                f"{t.ratio / erm:.2f}x",
                 f"{t.ratio:.2f}x",
-                f"{t.ratio / t_opaque:.2f}x",
                 f"{state_bytes[label] / 1024:.1f}",
                 target,
                 verdict,
@@ -90,9 +93,9 @@ def run(quick: bool) -> list[harness.Section]:
     body = harness.markdown_table(header, rows)
     body += (
         "\n\nTime per SAM step (for transparent mode: the two training steps that make "
-        "one SAM step), median over rounds. `vs ERM` is the median over rounds of the "
-        "optimizer's time divided by that of ERM (the base optimizer alone) run just before "
-        "it; `vs opaque` divides that by opaque mode's."
+        "one SAM step), median over rounds. Each optimizer runs right after opaque mode in "
+        "every round; `vs opaque` is the median over rounds of its time divided by opaque "
+        "mode's just before, and `vs ERM` divides that by ERM's (the base optimizer alone)."
     )
     return [harness.section("vs_optax_contrib", "Against optax.contrib.sam", quick, body)]
 
