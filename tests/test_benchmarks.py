@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -189,3 +190,25 @@ def test_paired_times_runs_each_contender_right_after_the_reference(monkeypatch)
     assert times["erm"] == (first + 3.5, 1.0)  # the median of slowness first+1 .. first+6
     assert times["a"].ratio == 2.0 and times["b"].ratio == 3.0
     assert times["a"].seconds == 2.0 * (first + 4) and times["b"].seconds == 3.0 * (first + 3)
+
+
+@pytest.mark.slow
+def test_every_benchmarked_step_lowers_for_a_gpu():
+    """The scripts run unchanged on a GPU: the training steps lower for CUDA. ``jax.export``
+    lowers for a platform this machine lacks; XLA's GPU compilation itself needs the
+    device and is not checked here. Every contender on the CNN; on the other models,
+    LookSAM, whose step holds ERM's pass, a probe in ``lax.cond`` and a skipped branch.
+    """
+    contenders = harness.registry_contenders() + harness.efficient_contenders()[0]
+    for model in harness.models(quick=False):
+        batch = jax.tree.map(lambda x: x[0], model.batches(1))
+        for contender in contenders:
+            if model.key != "cnn1d" and contender.label != "looksam":
+                continue
+            tx = contender.make(harness.total_steps(model))
+            step = jax.jit(harness.make_step(model, tx))
+            exported = jax.export.export(step, platforms=("cuda",))(
+                harness.init_carry(model, tx), batch
+            )
+            assert exported.platforms == ("cuda",), (model.key, contender.label)
+            assert "stablehlo.dot_general" in exported.mlir_module()

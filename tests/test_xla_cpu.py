@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from jax import lax
 
 import sam_optax
+from sam_optax import _xla_cpu
 from sam_optax._xla_cpu import canonical_convolutions
 
 # (input layout, kernel layout, output layout, input shape, kernel shape, groups, strides, dilation)
@@ -173,3 +175,35 @@ def test_a_nested_jit_with_its_own_shardings_is_kept_as_it_is():
     np.testing.assert_allclose(
         jax.jit(canonical_convolutions(grads))(w, x), jax.jit(grads)(w, x), rtol=1e-6
     )
+
+
+def _exported_ops(fn, args, platform):
+    """How often each StableHLO op occurs in ``fn`` exported for ``platform``."""
+    module = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+    return collections.Counter(re.findall(r"stablehlo\.\w+", module))
+
+
+@pytest.mark.parametrize("layout", CONVS[:2], ids=[c[0] for c in CONVS[:2]])
+def test_a_gpu_program_carries_no_rewrite(layout, monkeypatch):
+    """Exported for CUDA (no GPU needed), SAM every 2 steps has the ops it would have
+    without the rewrite; only the CPU export carries the extra transposes. The
+    platform selection may add a ``case`` with a constant index, which XLA folds
+    away, so those wrappers are not counted."""
+    loss = conv_loss(layout)
+    w, x = arrays(layout)
+    tx = optax.chain(sam_optax.sam(0.05, policy=sam_optax.policies.every(2)), optax.sgd(0.1))
+
+    def step(w, state):
+        g = jax.grad(loss)(w, x)
+        updates, state = tx.update(g, state, w, grad_fn=lambda v: jax.grad(loss)(v, x))
+        return optax.apply_updates(w, updates), state
+
+    args = (w, tx.init(w))
+    gpu, cpu = _exported_ops(step, args, "cuda"), _exported_ops(step, args, "cpu")
+    monkeypatch.setattr(_xla_cpu, "canonical_convolutions", lambda fn: fn)
+    plain = _exported_ops(step, args, "cuda")
+    wrappers = ("stablehlo.case", "stablehlo.return")
+    assert {k: v for k, v in gpu.items() if k not in wrappers} == {
+        k: v for k, v in plain.items() if k not in wrappers
+    }
+    assert cpu["stablehlo.transpose"] > plain["stablehlo.transpose"]
