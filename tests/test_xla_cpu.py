@@ -58,6 +58,23 @@ def is_canonical(label):
     return re.fullmatch(r"b(\d+)f_(\d+)io->b(\d+)f", label) is not None
 
 
+def sam_every_two_step(layout):
+    """A training step of SAM every 2 steps on one convolution: the probe is in ``cond``.
+
+    Returns ``(step, tx, w, x)`` with ``step(w, state) -> (w, state)``.
+    """
+    loss = conv_loss(layout)
+    w, x = arrays(layout)
+    tx = optax.chain(sam_optax.sam(0.05, policy=sam_optax.policies.every(2)), optax.sgd(0.1))
+
+    def step(w, state):
+        g = jax.grad(loss)(w, x)
+        updates, state = tx.update(g, state, w, grad_fn=lambda v: jax.grad(loss)(v, x))
+        return optax.apply_updates(w, updates), state
+
+    return step, tx, w, x
+
+
 @pytest.mark.parametrize("layout", CONVS, ids=[c[0] + "/" + c[1] for c in CONVS])
 def test_rewrite_gives_the_same_values_and_gradients(layout):
     loss = conv_loss(layout)
@@ -136,15 +153,8 @@ def test_closure_over_traced_values_and_callbacks():
 def test_a_sharpness_aware_step_with_a_policy_keeps_its_convolutions_canonical():
     """SAM every 2 steps on a 1-D CNN: the probe sits in ``lax.cond``, all convs canonical."""
     layout = CONVS[0]
+    step, tx, w, x = sam_every_two_step(layout)
     loss = conv_loss(layout)
-    w, x = arrays(layout)
-    tx = optax.chain(sam_optax.sam(0.05, policy=sam_optax.policies.every(2)), optax.sgd(0.1))
-
-    def step(w, state):
-        g = jax.grad(loss)(w, x)
-        updates, state = tx.update(g, state, w, grad_fn=lambda v: jax.grad(loss)(v, x))
-        return optax.apply_updates(w, updates), state
-
     compiled = jax.jit(step).lower(w, tx.init(w)).compile()
     assert "conditional" in compiled.as_text()
     labels = dim_labels(compiled.as_text())
@@ -189,15 +199,7 @@ def test_a_gpu_program_carries_no_rewrite(layout, monkeypatch):
     without the rewrite; only the CPU export carries the extra transposes. The
     platform selection may add a ``case`` with a constant index, which XLA folds
     away, so those wrappers are not counted."""
-    loss = conv_loss(layout)
-    w, x = arrays(layout)
-    tx = optax.chain(sam_optax.sam(0.05, policy=sam_optax.policies.every(2)), optax.sgd(0.1))
-
-    def step(w, state):
-        g = jax.grad(loss)(w, x)
-        updates, state = tx.update(g, state, w, grad_fn=lambda v: jax.grad(loss)(v, x))
-        return optax.apply_updates(w, updates), state
-
+    step, tx, w, _ = sam_every_two_step(layout)
     args = (w, tx.init(w))
     gpu, cpu = _exported_ops(step, args, "cuda"), _exported_ops(step, args, "cpu")
     monkeypatch.setattr(_xla_cpu, "canonical_convolutions", lambda fn: fn)
