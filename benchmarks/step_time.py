@@ -79,10 +79,10 @@ def _step_time_section(quick, model_list, methods, results) -> harness.Section:
         )
     body = (
         harness.markdown_table(header, rows)
-        + "\n\nMedian over rounds of a contender's time for 20 steps divided by ERM's (the same "
-        "step, base optimizer alone) for the 20 steps run just before it, in one process; "
-        "`pass` when every model meets the target. The `sgd` row is ERM timed as a separate "
-        "contender (the noise floor)."
+        + f"\n\nMedian over rounds of a contender's time for {harness.CHUNK} steps divided by "
+        f"ERM's (the same step, base optimizer alone) for the {harness.CHUNK} steps run just "
+        "before it, in one process; `pass` when every model meets the target. The `sgd` row "
+        "is ERM timed as a separate contender (the noise floor)."
     )
     return harness.section("step_time", "Step time relative to ERM", quick, body)
 
