@@ -10,8 +10,9 @@ Timing runs the contenders side by side in one process: each contender's trainin
 step is compiled once (``jax.jit`` with the carry donated) and warmed. Then, in each
 round, every contender runs ``CHUNK`` consecutive steps, blocked on the results, right
 after the reference (ERM) has run its own ``CHUNK`` steps; the order of the contenders
-rotates from round to round. A contender's ratio to ERM is the median over rounds of
-(its round time / the reference's round time just before). Pairing cancels what drifts
+rotates from round to round (``sam_optax._timing.paired_times``, which ``sam-optax
+compare`` uses too). A contender's ratio to ERM is the median over rounds of (its
+round time / the reference's round time just before). Pairing cancels what drifts
 on a shared virtual machine, and every contender starts its turn after the same
 predecessor: with one fixed cyclic order, each contender always followed the same
 other one, and two identical contenders read up to 0.25x apart. ``CHUNK = 20`` holds a
@@ -28,7 +29,6 @@ import datetime
 import functools
 import importlib.metadata
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,7 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import sam_optax  # noqa: E402
-from sam_optax import registry  # noqa: E402
+from sam_optax import _timing, registry  # noqa: E402
+from sam_optax._timing import Timing  # noqa: E402
 
 PyTree = Any
 README = Path(__file__).resolve().parent / "README.md"
@@ -500,49 +501,9 @@ class Runner:
         jax.block_until_ready((self.carry, loss))
 
 
-class Timing(NamedTuple):
-    """What :func:`paired_times` measured for one runner.
-
-    Attributes:
-      seconds: the median time per step over the rounds.
-      ratio: the median over rounds of the runner's round time divided by the
-        reference's round time just before it (1.0 for the reference itself).
-    """
-
-    seconds: float
-    ratio: float
-
-
 def paired_times(reference: Runner, runners: Sequence[Runner], rounds: int) -> dict[str, Timing]:
-    """Times every runner against ``reference``, each turn right after a turn of it.
-
-    Every round runs ``reference`` then one runner, for each runner in an order that
-    rotates from round to round.
-    """
-    for runner in [reference, *runners]:
-        for _ in range(WARMUP):
-            runner()
-
-    def timed(runner: Runner) -> float:
-        start = time.perf_counter()
-        runner()
-        return (time.perf_counter() - start) / CHUNK
-
-    samples: dict[str, list[float]] = {r.label: [] for r in [reference, *runners]}
-    ratios: dict[str, list[float]] = {r.label: [] for r in runners}
-    for i in range(rounds):
-        shift = i % len(runners)
-        for runner in [*runners[shift:], *runners[:shift]]:
-            base = timed(reference)
-            seconds = timed(runner)
-            samples[reference.label].append(base)
-            samples[runner.label].append(seconds)
-            ratios[runner.label].append(seconds / base)
-    out = {reference.label: Timing(statistics.median(samples[reference.label]), 1.0)}
-    for runner in runners:
-        label = runner.label
-        out[label] = Timing(statistics.median(samples[label]), statistics.median(ratios[label]))
-    return out
+    """Every runner timed right after a turn of ``reference`` (see ``sam_optax._timing``)."""
+    return _timing.paired_times(reference, runners, rounds, steps=CHUNK, warmup=WARMUP)
 
 
 # ---------------------------------------------------------------------------- tables

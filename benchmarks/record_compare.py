@@ -42,7 +42,8 @@ def section(results: Sequence[compare.CompareResult]) -> str:
         f"weight decay {c['weight_decay']}; every method at its paper defaults. Test accuracy "
         "is mean ± std over seeds; λ_max is the top Hessian eigenvalue of the training loss on "
         f"a fixed batch of {c['sharpness_batch']}; grads / step are counted backward passes; "
-        "rel. cost is wall time per step over sgd's.",
+        f"rel. cost is the median over {compare.TIMING_ROUNDS} rounds of a method's time for "
+        f"{compare.TIMING_STEPS} steps over sgd's just before, timed after training.",
     ]
     for result in results:
         lines += ["", f"### Label noise {100 * result.config['label_noise']:g} %", ""]

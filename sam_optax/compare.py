@@ -6,7 +6,8 @@ method chained in front of SGD with momentum, cosine learning-rate decay and
 decoupled weight decay. Reported per method: test accuracy (mean and std over
 seeds), final training loss, the top Hessian eigenvalue of the training loss on a
 fixed batch, gradient evaluations per step (counted), the probe fraction, wall
-time per step and cost relative to ``sgd``.
+time per step and cost relative to ``sgd`` (timed after training, each method's
+steps right after as many of ``sgd``'s).
 
 Counting gradient evaluations. The per-example losses pass through an identity
 whose backward rule fires a host callback adding ``n / batch_size`` (``n``
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 
 import sam_optax
-from sam_optax import _validate, registry
+from sam_optax import _timing, _validate, registry
 from sam_optax._state import probe_fraction
 from sam_optax.sharpness import hessian_top_eigenvalue
 
@@ -58,6 +59,8 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 SHARPNESS_BATCH = 512
 CURVE_POINTS = 15
+TIMING_STEPS = 20  # steps per timed turn; a multiple of every period k = 5 of the registry
+TIMING_ROUNDS = 10
 
 
 # --------------------------------------------------------------------------- data
@@ -272,6 +275,24 @@ class _GradCounter:
         return value
 
 
+# --------------------------------------------------------------------------- timing
+
+
+class _TimedRun:
+    """One method's compiled steps, without the counter's callbacks, for the timing.
+
+    Each call runs the ``TIMING_STEPS`` steps of a fixed batch order from the
+    state the last call left, and blocks on the result.
+    """
+
+    def __init__(self, label: str, compiled: Callable, state: Any, data: tuple) -> None:
+        self.label, self._compiled, self._state, self._data = label, compiled, state, data
+
+    def __call__(self) -> None:
+        self._state, losses = self._compiled(self._state, *self._data)
+        jax.block_until_ready(losses)
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -308,7 +329,8 @@ class CompareResult:
         ``ddof=1``, 0 for one seed), ``test_acc`` (per seed), ``train_loss``,
         ``sharpness`` (top Hessian eigenvalue), ``grads_per_step`` (measured),
         ``expected_grads_per_step`` (the registry's), ``probe_fraction``,
-        ``time_per_step`` (seconds), ``rel_cost`` (time per step over ``sgd``'s),
+        ``time_per_step`` (seconds), ``rel_cost`` (time over ``sgd``'s, paired:
+        see :func:`run_compare`),
         ``compile_s`` and ``curves`` (per seed, the test accuracy at ``curve_steps``).
       curve_steps: the steps at which the curves were measured.
       config: the run's settings.
@@ -472,9 +494,16 @@ def run_compare(
     defaults, and trained with :func:`sam_optax.flax.linen_step`. Seeds change
     the initialisation and the batch order; every method sees the same batches
     for a given seed. Each training run is one compiled ``lax.scan`` per curve
-    point; the time per step is the wall time of those calls (compilation and
-    evaluation excluded, the host callbacks of the gradient counter included).
-    Seeds are not ``vmap``-ed: under ``vmap`` a skipped probe would run anyway.
+    point. Seeds are not ``vmap``-ed: under ``vmap`` a skipped probe would run
+    anyway.
+
+    The cost is measured after training, side by side: each method's steps,
+    compiled without the gradient counter's host callbacks, run
+    ``TIMING_STEPS`` steps from the state its last seed ended in, right after
+    ``sgd`` has run as many, in ``TIMING_ROUNDS`` rounds whose order rotates.
+    ``time_per_step`` is the median over rounds of a method's time per step and
+    ``rel_cost`` the median of its time over ``sgd``'s just before
+    (``sam_optax._timing.paired_times``).
 
     Args:
       dataset: ``"mnist1d"`` or ``"digits"``.
@@ -548,23 +577,34 @@ def run_compare(
 
     counter = _GradCounter(batch_size)
 
-    def train_chunk(state, x_train, y_train, order):
-        def per_example_loss_fn(params, batch):
-            return counter.tap(xent(params, *batch))
+    def make_chunk(tap: Callable[[jax.Array], jax.Array]) -> Callable:
+        """``(state, x, y, order) -> (state, losses)``: the steps of ``order`` in a scan."""
 
-        def body(state, idx):
-            batch = (x_train[idx], y_train[idx])
-            state, loss = linen_step(
-                state,
-                lambda logits: jnp.mean(
-                    counter.tap(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
-                ),
-                batch[0],
-                update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
-            )
-            return state, loss
+        def run(state, x_train, y_train, order):
+            def per_example_loss_fn(params, batch):
+                return tap(xent(params, *batch))
 
-        return jax.lax.scan(body, state, order)
+            def body(state, idx):
+                batch = (x_train[idx], y_train[idx])
+                state, loss = linen_step(
+                    state,
+                    lambda logits: jnp.mean(
+                        tap(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+                    ),
+                    batch[0],
+                    update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
+                )
+                return state, loss
+
+            return jax.lax.scan(body, state, order)
+
+        return run
+
+    train_chunk = make_chunk(counter.tap)
+    timing_steps = min(TIMING_STEPS, steps)
+    timing_order = _batch_order(n_train, batch_size, timing_steps, seed=0)
+    untapped = jax.jit(make_chunk(lambda losses: losses))
+    runners = []
 
     chunk = max(1, -(-steps // CURVE_POINTS))
     bounds = [*range(0, steps, chunk), steps]
@@ -584,7 +624,7 @@ def run_compare(
                 params = model.init(jax.random.key(seed), init_x)["params"]
                 state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
                 order = _batch_order(n_train, batch_size, steps, seed)
-                train_s, curve = 0.0, []
+                curve = []
                 counter.take()
                 for a, b in itertools.pairwise(bounds):
                     if b - a not in compiled:
@@ -593,12 +633,9 @@ def run_compare(
                             state, arrays["x_train"], arrays["y_train"], order[a:b]
                         ).compile()
                         compile_s += time.perf_counter() - t0
-                    t0 = time.perf_counter()
                     state, _ = compiled[b - a](
                         state, arrays["x_train"], arrays["y_train"], order[a:b]
                     )
-                    jax.block_until_ready(state)
-                    train_s += time.perf_counter() - t0
                     eval_params = (
                         state.params
                         if method.eval_params is None
@@ -614,10 +651,19 @@ def run_compare(
                         "sharpness": float(lam),
                         "grads_per_step": counter.take() / steps,
                         "probe_fraction": probe_fraction(state.opt_state),
-                        "time_per_step": train_s / steps,
                         "curve": curve,
                     }
                 )
+            runners.append(
+                _TimedRun(
+                    name,
+                    untapped.lower(
+                        state, arrays["x_train"], arrays["y_train"], timing_order
+                    ).compile(),
+                    state,
+                    (arrays["x_train"], arrays["y_train"], timing_order),
+                )
+            )
             acc = np.array([r["test_acc"] for r in runs])
             rows.append(
                 {
@@ -633,7 +679,6 @@ def run_compare(
                             "sharpness",
                             "grads_per_step",
                             "probe_fraction",
-                            "time_per_step",
                         )
                     },
                     "expected_grads_per_step": method.grads_per_step,
@@ -641,11 +686,14 @@ def run_compare(
                     "curves": [r["curve"] for r in runs],
                 }
             )
+        bar.set_postfix_str("timing")
+        times = _timing.paired_times(
+            runners[0], runners[1:], TIMING_ROUNDS, steps=timing_steps, warmup=1
+        )
     finally:
         bar.close()
-    base_time = rows[0]["time_per_step"]
     for row in rows:
-        row["rel_cost"] = row["time_per_step"] / base_time
+        row["time_per_step"], row["rel_cost"] = times[row["method"]]
     config = {
         "dataset": dataset,
         "methods": names,

@@ -164,34 +164,6 @@ def test_checked_in_readme_has_each_heading_and_section_once():
     assert {f"{name}-cpu" for name in SECTIONS} <= set(begins)
 
 
-def test_paired_times_runs_each_contender_right_after_the_reference(monkeypatch):
-    """A fake clock that drifts: the machine slows down by 1 at each turn of ERM.
-
-    ERM costs 1, ``a`` 2 and ``b`` 3 times the current slowness, so the paired ratios are
-    exactly 2 and 3 although every time per step moves.
-    """
-    clock, calls = [0.0], []
-
-    class Fake:
-        def __init__(self, label, cost):
-            self.label, self.cost = label, cost
-
-        def __call__(self):
-            calls.append(self.label)
-            slowness = calls.count("erm")
-            clock[0] += harness.CHUNK * self.cost * slowness
-
-    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
-    erm, a, b = Fake("erm", 1.0), Fake("a", 2.0), Fake("b", 3.0)
-    times = harness.paired_times(erm, [a, b], rounds=3)
-    timed = calls[3 * harness.WARMUP :]
-    assert timed == ["erm", "a", "erm", "b", "erm", "b", "erm", "a", "erm", "a", "erm", "b"]
-    first = harness.WARMUP  # ERM's turns before the timed rounds
-    assert times["erm"] == (first + 3.5, 1.0)  # the median of slowness first+1 .. first+6
-    assert times["a"].ratio == 2.0 and times["b"].ratio == 3.0
-    assert times["a"].seconds == 2.0 * (first + 4) and times["b"].seconds == 3.0 * (first + 3)
-
-
 @pytest.mark.slow
 def test_every_benchmarked_step_lowers_for_a_gpu():
     """The scripts run unchanged on a GPU: the training steps lower for CUDA. ``jax.export``
