@@ -503,7 +503,9 @@ def run_compare(
     ``sgd`` has run as many, in ``TIMING_ROUNDS`` rounds whose order rotates.
     ``time_per_step`` is the median over rounds of a method's time per step and
     ``rel_cost`` the median of its time over ``sgd``'s just before
-    (``sam_optax._timing.paired_times``).
+    (``sam_optax._timing.paired_times``). A method whose probe rate changes over
+    training (AE-SAM's threshold schedule) is timed at its end-of-training rate;
+    ``probe_fraction`` is its average over training.
 
     Args:
       dataset: ``"mnist1d"`` or ``"digits"``.
