@@ -43,7 +43,7 @@ def section(results: Sequence[compare.CompareResult]) -> str:
         "is mean ± std over seeds; λ_max is the top Hessian eigenvalue of the training loss on "
         f"a fixed batch of {c['sharpness_batch']}; grads / step are counted backward passes; "
         f"rel. cost is the median over {compare.TIMING_ROUNDS} rounds of a method's time for "
-        f"{compare.TIMING_STEPS} steps over sgd's just before, timed after training.",
+        "a curve point's steps over sgd's just before, timed after training.",
     ]
     for result in results:
         lines += ["", f"### Label noise {100 * result.config['label_noise']:g} %", ""]

@@ -59,7 +59,6 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 SHARPNESS_BATCH = 512
 CURVE_POINTS = 15
-TIMING_STEPS = 20  # steps per timed turn; a multiple of every period k = 5 of the registry
 TIMING_ROUNDS = 10
 
 
@@ -245,22 +244,32 @@ def make_model(dataset: str) -> Any:
 
 
 class _GradCounter:
-    """Counts backward passes, in units of one full batch, from inside compiled code."""
+    """Counts backward passes, in units of one full batch, from inside compiled code.
+
+    ``tap(losses, counting)`` is the identity; its backward pass adds to the count
+    when the traced boolean ``counting`` is true, and skips the host callback
+    otherwise, so one compiled program serves both training and timing.
+    """
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.value = 0.0
 
         @jax.custom_vjp
-        def tap(losses):
+        def tap(losses, counting):
             return losses
 
-        def fwd(losses):
-            return losses, losses.shape[0]
+        def fwd(losses, counting):
+            return losses, (losses.shape[0], counting)
 
-        def bwd(n, cotangent):
-            jax.debug.callback(self._add, n / self.batch_size)
-            return (cotangent,)
+        def bwd(residuals, cotangent):
+            n, counting = residuals
+
+            def add():
+                jax.debug.callback(self._add, n / self.batch_size)
+
+            jax.lax.cond(counting, add, lambda: None)
+            return cotangent, None
 
         tap.defvjp(fwd, bwd)
         self.tap = tap
@@ -279,10 +288,10 @@ class _GradCounter:
 
 
 class _TimedRun:
-    """One method's compiled steps, without the counter's callbacks, for the timing.
+    """One method's compiled training chunk, run with the counter off, for the timing.
 
-    Each call runs the ``TIMING_STEPS`` steps of a fixed batch order from the
-    state the last call left, and blocks on the result.
+    Each call runs the chunk's steps over a fixed batch order from the state the
+    last call left, and blocks on the result.
     """
 
     def __init__(self, label: str, compiled: Callable, state: Any, data: tuple) -> None:
@@ -497,10 +506,11 @@ def run_compare(
     point. Seeds are not ``vmap``-ed: under ``vmap`` a skipped probe would run
     anyway.
 
-    The cost is measured after training, side by side: each method's steps,
-    compiled without the gradient counter's host callbacks, run
-    ``TIMING_STEPS`` steps from the state its last seed ended in, right after
-    ``sgd`` has run as many, in ``TIMING_ROUNDS`` rounds whose order rotates.
+    The cost is measured after training, side by side: each method's compiled
+    curve-point chunk (``ceil(steps / 15)`` steps), with the gradient counter's
+    host callbacks switched off, runs from the state its last seed ended in,
+    right after ``sgd`` has run as many steps, in ``TIMING_ROUNDS`` rounds whose
+    order rotates.
     ``time_per_step`` is the median over rounds of a method's time per step and
     ``rel_cost`` the median of its time over ``sgd``'s just before
     (``sam_optax._timing.paired_times``). A method whose probe rate changes over
@@ -579,37 +589,32 @@ def run_compare(
 
     counter = _GradCounter(batch_size)
 
-    def make_chunk(tap: Callable[[jax.Array], jax.Array]) -> Callable:
-        """``(state, x, y, order) -> (state, losses)``: the steps of ``order`` in a scan."""
+    def train_chunk(state, x_train, y_train, order, counting):
+        def per_example_loss_fn(params, batch):
+            return counter.tap(xent(params, *batch), counting)
 
-        def run(state, x_train, y_train, order):
-            def per_example_loss_fn(params, batch):
-                return tap(xent(params, *batch))
+        def body(state, idx):
+            batch = (x_train[idx], y_train[idx])
+            state, loss = linen_step(
+                state,
+                lambda logits: jnp.mean(
+                    counter.tap(
+                        optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]), counting
+                    )
+                ),
+                batch[0],
+                update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
+            )
+            return state, loss
 
-            def body(state, idx):
-                batch = (x_train[idx], y_train[idx])
-                state, loss = linen_step(
-                    state,
-                    lambda logits: jnp.mean(
-                        tap(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
-                    ),
-                    batch[0],
-                    update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
-                )
-                return state, loss
-
-            return jax.lax.scan(body, state, order)
-
-        return run
-
-    train_chunk = make_chunk(counter.tap)
-    timing_steps = min(TIMING_STEPS, steps)
-    timing_order = _batch_order(n_train, batch_size, timing_steps, seed=0)
-    untapped = jax.jit(make_chunk(lambda losses: losses))
-    runners = []
+        return jax.lax.scan(body, state, order)
 
     chunk = max(1, -(-steps // CURVE_POINTS))
     bounds = [*range(0, steps, chunk), steps]
+    # The timing reuses the compiled training chunk, with the counter switched off.
+    timing_order = _batch_order(n_train, batch_size, chunk, seed=0)
+    counting, timing = jnp.asarray(True), jnp.asarray(False)
+    runners = []
     init_x = arrays["x_train"][:1]
     bar = tqdm(total=len(names) * seeds * steps, unit="step", disable=not progress)
     rows = []
@@ -632,11 +637,11 @@ def run_compare(
                     if b - a not in compiled:
                         t0 = time.perf_counter()
                         compiled[b - a] = jitted.lower(
-                            state, arrays["x_train"], arrays["y_train"], order[a:b]
+                            state, arrays["x_train"], arrays["y_train"], order[a:b], counting
                         ).compile()
                         compile_s += time.perf_counter() - t0
                     state, _ = compiled[b - a](
-                        state, arrays["x_train"], arrays["y_train"], order[a:b]
+                        state, arrays["x_train"], arrays["y_train"], order[a:b], counting
                     )
                     eval_params = (
                         state.params
@@ -659,11 +664,9 @@ def run_compare(
             runners.append(
                 _TimedRun(
                     name,
-                    untapped.lower(
-                        state, arrays["x_train"], arrays["y_train"], timing_order
-                    ).compile(),
+                    compiled[chunk],
                     state,
-                    (arrays["x_train"], arrays["y_train"], timing_order),
+                    (arrays["x_train"], arrays["y_train"], timing_order, timing),
                 )
             )
             acc = np.array([r["test_acc"] for r in runs])
@@ -689,9 +692,7 @@ def run_compare(
                 }
             )
         bar.set_postfix_str("timing")
-        times = _timing.paired_times(
-            runners[0], runners[1:], TIMING_ROUNDS, steps=timing_steps, warmup=1
-        )
+        times = _timing.paired_times(runners[0], runners[1:], TIMING_ROUNDS, steps=chunk, warmup=1)
     finally:
         bar.close()
     for row in rows:

@@ -92,20 +92,24 @@ def test_grad_counter_counts_backward_passes_that_run():
     counter = compare._GradCounter(batch_size=4)
     x = jnp.arange(4.0)
 
-    def loss(w, n):
-        return jnp.mean(counter.tap((w * x[:n]) ** 2))
+    def loss(w, n, counting):
+        return jnp.mean(counter.tap((w * x[:n]) ** 2, counting))
 
     @jax.jit
-    def step(w, probe):
-        g = jax.grad(loss)(w, 4)
-        g_p = jax.lax.cond(probe, lambda: jax.grad(loss)(w + 1.0, 2), lambda: g)
-        _ = loss(w, 4)  # a forward pass is not a gradient evaluation
+    def step(w, probe, counting):
+        g = jax.grad(loss)(w, 4, counting)
+        g_p = jax.lax.cond(probe, lambda: jax.grad(loss)(w + 1.0, 2, counting), lambda: g)
+        _ = loss(w, 4, counting)  # a forward pass is not a gradient evaluation
         return g + g_p
 
     for probe in (True, False, True):
-        step(1.0, probe)
+        step(1.0, probe, True)
     assert counter.take() == 3 + 2 * 0.5
     assert counter.take() == 0.0
+    # Switched off (the timing after training), the same compiled step counts nothing.
+    step(1.0, True, False)
+    assert counter.take() == 0.0
+    assert step._cache_size() == 1
 
 
 def _every_third_then_half_batch(rho=0.05):
