@@ -507,12 +507,12 @@ def run_compare(
     anyway.
 
     The cost is measured after training, side by side: each method's compiled
-    curve-point chunk (``ceil(steps / 15)`` steps), with the gradient counter's
-    host callbacks switched off, runs from the state its last seed ended in,
-    right after ``sgd`` has run as many steps, in ``TIMING_ROUNDS`` rounds whose
-    order rotates.
-    ``time_per_step`` is the median over rounds of a method's time per step and
-    ``rel_cost`` the median of its time over ``sgd``'s just before
+    curve-point chunk (``ceil(steps / CURVE_POINTS)`` steps), with the gradient
+    counter's host callbacks switched off, runs from the state its last seed
+    ended in, right after ``sgd`` has run as many steps, in ``TIMING_ROUNDS``
+    rounds whose order rotates. ``time_per_step`` is the median over rounds of
+    a method's time per step and ``rel_cost`` the median of its time over
+    ``sgd``'s just before
     (``sam_optax._timing.paired_times``). A method whose probe rate changes over
     training (AE-SAM's threshold schedule) is timed at its end-of-training rate;
     ``probe_fraction`` is its average over training.
