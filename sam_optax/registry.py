@@ -161,15 +161,16 @@ METHODS: dict[str, Method] = {
             eval_params=msam_eval_params,
         ),
         Method("gsam", gsam, {"rho": 0.05, "alpha": 0.4}, "Zhuang et al., ICLR 2022", "2"),
-        Method("wsam", wsam, {"rho": 0.05, "gamma": 0.9}, "Yue et al., KDD 2023", "2"),
+        # The paper's own mode: the sharpness term bypasses the base optimizer.
         Method(
-            "wsam_decoupled",
+            "wsam",
             wsam_decoupled,
             {"rho": 0.05, "gamma": 0.9},
             "Yue et al., KDD 2023",
             "2",
             build=lambda kw, base, setup: wsam_decoupled(base, setup["learning_rate"], **kw),
         ),
+        Method("wsam_coupled", wsam, {"rho": 0.05, "gamma": 0.9}, "Yue et al., KDD 2023", "2"),
         Method("vasso", vasso, {"rho": 0.05, "theta": 0.9}, "Li & Giannakis, NeurIPS 2023", "2"),
         Method(
             "friendly_sam",

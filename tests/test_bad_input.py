@@ -54,7 +54,7 @@ OUT_OF_RANGE = [
     ("gsam", "alpha", -0.4),
     ("wsam", "gamma", 1.0),
     ("wsam", "gamma", -0.1),
-    ("wsam_decoupled", "gamma", 1.0),
+    ("wsam_coupled", "gamma", 1.0),
     ("vasso", "theta", 0.0),
     ("vasso", "theta", 1.5),
     ("friendly_sam", "sigma", -1.0),

@@ -16,6 +16,7 @@ import pytest
 import sam_optax
 from sam_optax import compare, registry
 from sam_optax.cli import main
+from sam_optax.compare.training import _GradCounter
 from sam_optax.pieces import Policy, empty_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_label_noise_flips_exactly_the_fraction_to_other_classes():
 
 
 def test_grad_counter_counts_backward_passes_that_run():
-    counter = compare._GradCounter(batch_size=4)
+    counter = _GradCounter(batch_size=4)
     x = jnp.arange(4.0)
 
     def loss(w, n, counting):
@@ -164,6 +165,15 @@ def test_counts_probe_fraction_and_hooks(monkeypatch):
         (["--steps", "0"], ["steps", "positive"]),
         (["--seeds", "-2"], ["seeds", "positive"]),
         (["--steps", "ten"], ["--steps", "ten"]),
+        (["--methods", "sam:nosuch=1"], ["'nosuch'", "rho=0.05 (float or schedule)"]),
+        (["--methods", "looksam:k=2.5"], ["`k` takes an integer", "alpha=0.7"]),
+        (["--methods", "sam:rho=-1"], ["`rho`", "-1", "sam takes: rho=0.05"]),
+        (["--methods", "sam:rho=__import__('os')"], ["is not a value", "linear("]),
+        (["--methods", "looksam:layerwise=yes"], ["true or false", "layerwise"]),
+        (["--methods", "gsam:alpha=linear(0,1,5)"], ["`alpha` takes a number, not a schedule"]),
+        (["--sweep", "sam"], ["sets no hyperparameter"]),
+        (["--sweep", "sam:rho=0.1,,0.2"], ["empty value"]),
+        (["--base", "lamb"], ["'lamb'", "sgd, adamw"]),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(args, words, capsys, tmp_path):
@@ -175,7 +185,63 @@ def test_bad_input_exits_nonzero_with_one_line(args, words, capsys, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def _check_run(out, capsys, methods):
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_unusable_out_fails_before_training(where, tmp_path, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(compare.run, "Setup", lambda *a: trained.append(a))
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "sub"
+    assert main(["compare", "--methods", "sam", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and str(out) in err
+    assert not trained
+
+
+def _row(method, acc, loss):
+    return dict(
+        method=method,
+        name=method,
+        overrides={},
+        test_acc_mean=acc,
+        test_acc_std=0.0,
+        train_loss=loss,
+        sharpness=float("nan") if loss != loss else 1.0,
+        grads_per_step=2.0,
+        probe_fraction=1.0,
+        time_per_step=float("nan"),
+        rel_cost=float("nan"),
+        curves=[[acc]],
+    )
+
+
+def _result():
+    config = dict(dataset="digits", label_noise=0.0, seeds=1, steps=1, base="sgd")
+    rows = [_row("sgd", 0.9, 0.1), _row("sam", 0.1, float("nan"))]
+    return compare.CompareResult(rows, [1], config, {})
+
+
+def test_a_diverged_run_is_valid_json_and_reads_diverged(tmp_path):
+    result = _result()
+    assert "| sam | 10.00 ± 0.00 | diverged | – |" in result.to_markdown()
+    result.save(tmp_path)
+    text = (tmp_path / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["sam"]["train_loss"] is None and rows["sam"]["finite"] is False
+    assert rows["sgd"]["finite"] is True and rows["sgd"]["rel_cost"] is None
+
+
+def test_a_failed_save_leaves_no_results(tmp_path, monkeypatch):
+    def broken(self, path, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", broken)
+    with pytest.raises(OSError, match="No space left"):
+        _result().save(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def _check_run(out, capsys, methods, timed=True):
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | test acc. (%)") and len(lines) == 2 + len(methods)
@@ -188,7 +254,8 @@ def _check_run(out, capsys, methods):
         assert 0.0 <= row["test_acc_mean"] <= 1.0 and np.isfinite(row["sharpness"])
         assert len(row["curves"]) == 1 and len(row["curves"][0]) == len(results["curve_steps"])
     rows = {r["method"]: r for r in results["rows"]}
-    assert rows["sgd"]["grads_per_step"] == 1.0 and rows["sgd"]["rel_cost"] == 1.0
+    assert rows["sgd"]["grads_per_step"] == 1.0
+    assert rows["sgd"]["rel_cost"] == (1.0 if timed else None)
     assert rows["sam"]["grads_per_step"] == 2.0 and rows["sam"]["probe_fraction"] == 1.0
     assert {"device", "versions", "date"} <= set(results["environment"])
     with open(out / "compare.png", "rb") as f:
@@ -203,6 +270,21 @@ def test_compare_digits_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     results = _check_run(tmp_path, capsys, ["sgd", "sam"])
     assert results["config"]["steps"] == 24 and results["curve_steps"][-1] == 24
+
+
+@pytest.mark.slow
+def test_compare_with_overrides_and_a_sweep(tmp_path, capsys):
+    argv = ["compare", "--dataset", "digits", "--methods", "sam,sam:rho=0.1", "--seeds", "1"]
+    argv += ["--sweep", "looksam:alpha=0,0.3:k=2", "--steps", "12", "--no-timing"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    labels = ["sgd", "sam", "sam:rho=0.1", "looksam:alpha=0:k=2", "looksam:alpha=0.3:k=2"]
+    results = _check_run(tmp_path, capsys, labels, timed=False)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["sam:rho=0.1"]["overrides"] == {"rho": "0.1"}
+    assert rows["looksam:alpha=0.3:k=2"]["probe_fraction"] == 0.5
+    # The two rho values train differently; the two looksam rows probe alike.
+    assert rows["sam"]["train_loss"] != rows["sam:rho=0.1"]["train_loss"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.png", "results.json"]
 
 
 @pytest.mark.slow
@@ -225,11 +307,11 @@ def test_record_script_writes_its_section_only(tmp_path):
     readme = tmp_path / "README.md"
     begin, end = "<!-- BEGIN compare -->", "<!-- END compare -->"
     readme.write_text(f"# Benchmarks\n\nother `{begin}` quoted\n\n{begin}\nold\n{end}\ntail\n")
-    argv = ["--dataset", "digits", "--methods", "sgd", "--seeds", "1", "--steps", "8"]
+    argv = ["--settings", "digits:0,digits:0.4", "--methods", "sgd", "--seeds", "1", "--steps", "8"]
     assert record.main([*argv, "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nother `") and text.endswith("\ntail\n")
     assert "old" not in text and text.count(begin) == 2  # the quoted one and the section's
     assert f"other `{begin}` quoted" in text
-    assert "Label noise 0 %" in text and "Label noise 40 %" in text
+    assert "digits, label noise 0 %" in text and "digits, label noise 40 %" in text
     assert text.count("| sgd |") == 2 and "jax" in text

@@ -83,11 +83,11 @@ def test_decoupled_gamma_zero_is_base_optimizer():
 
 def test_registry_builds_decoupled_with_the_learning_rate():
     lr = optax.constant_schedule(0.05)
-    tx = registry.make_optimizer("wsam_decoupled", optax.sgd(lr, momentum=0.9), learning_rate=lr)
+    tx = registry.make_optimizer("wsam", optax.sgd(lr, momentum=0.9), learning_rate=lr)
     direct = sam_optax.wsam_decoupled(optax.sgd(lr, momentum=0.9), lr, rho=0.05, gamma=0.9)
     chex.assert_trees_all_equal(trajectory(tx, 2), trajectory(direct, 2))
     with pytest.raises(ValueError, match="`learning_rate` must be a number or an optax schedule"):
-        registry.make_optimizer("wsam_decoupled", optax.sgd(0.1))
+        registry.make_optimizer("wsam", optax.sgd(0.1))
 
 
 @pytest.mark.parametrize("gamma", [1.0, -0.1, 1.5, float("nan")])
