@@ -198,10 +198,11 @@ def m_sharpness(
         e_j = \rho\,\frac{g_j}{\lVert g_j \rVert + \epsilon}, \qquad
         \mathrm{out} = \frac{1}{k} \sum_{j=1}^{k} \nabla L_{B_j}(w + e_j)
 
-    This is exactly what ``k`` devices compute when each passes its local
-    gradient to a method built with ``axis_name`` (``pmap``/``shard_map``);
-    here it runs on one device or under plain ``jit``. ``m = batch_size`` is
-    SAM on the whole batch. Feed ``updates`` to the base optimizer, which is
+    For a method that probes on every step or on a fixed schedule, this is
+    what ``k`` devices compute when each passes its local gradient to the
+    method built with ``axis_name`` (``pmap``/``shard_map``); here it runs on
+    one device or under plain ``jit``. ``m = batch_size`` is SAM on the whole
+    batch. Feed ``updates`` to the base optimizer, which is
     not part of ``tx``: the average must come before momentum or Adam.
 
     With ``sequential=True`` the groups run one after the other in
@@ -209,7 +210,10 @@ def m_sharpness(
     perturbation per micro-batch (``m`` = the micro-batch size). Under ``vmap``
     (the default) a policy's ``lax.cond`` becomes a select and both branches
     run; in ``lax.scan`` a skipped probe is really skipped. A data-dependent
-    policy decides per group.
+    policy (AE-SAM's) decides here per group, from each group's own gradient
+    statistics, so groups may take different branches; across devices with
+    ``axis_name`` it decides from statistics averaged over the devices, so that
+    every device takes the same branch. The two then differ.
 
     Args:
       tx: the sharpness-aware transformation (any method of the library, or a

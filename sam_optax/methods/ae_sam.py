@@ -125,7 +125,9 @@ def ae_looksam(
     Args:
       rho: the perturbation radius (default 0.1, LookSAM's), a number or a schedule.
       total_steps: ``T``, the number of training steps (required).
-      alpha: the weight of the reused ``g_v``.
+      alpha: the weight of the reused ``g_v`` (LookSAM's paper: 0.7). With SGD
+        and momentum 0.9 the registry uses 0.1, as for :func:`looksam`
+        (MNIST-1D, 3 seeds: 83.4 % test accuracy at 0.7, 93.5 % at 0.1, SGD 93.3 %).
       delta: the EMA decay of the statistics, in ``[0, 1)``.
       lambda1: the threshold coefficient at the end of training.
       lambda2: the threshold coefficient at the start of training.

@@ -41,8 +41,12 @@ def gsam(
       rho: the perturbation radius, a number or an optax schedule of the step
         count (for the paper's schedule, :func:`gsam_rho_schedule`).
       alpha: the weight of the surrogate-gap direction (tuned per model in the
-        paper: 0.01 for ResNet-50, 0.6 for ViT-B/32 on ImageNet; the author's
-        CIFAR example uses 0.4).
+        paper: 0.01 for ResNet-50, 0.6 for ViT-B/32 on ImageNet). The default
+        0.4 comes from the author's CIFAR example, which pairs it with an
+        adaptive perturbation at ``rho = 2.0``; the recorded sweep supports it
+        here too with the normalised perturbation at ``rho = 0.05`` (MNIST-1D,
+        3 seeds: 93.8 % clean and 66.9 % with 40 % noisy labels, against SGD's
+        93.3 % and 60.5 %).
       eps: added to ``‖g‖`` and to ``‖g_p‖²``.
       mask: pytree of booleans (or a function of the params): leaves to
         perturb; the decomposition uses these leaves only.

@@ -53,10 +53,17 @@ def looksam(
     Args:
       rho: the perturbation radius (paper: 0.1), a number or an optax schedule.
       k: the probe period, a Python int ``>= 1`` (``static_args``; paper: 5).
-      alpha: the weight of the reused ``g_v`` (paper: 0.7).
+      alpha: the weight of the reused ``g_v`` (paper: 0.7, tuned for ViTs with a
+        LAMB/Adam base). With SGD and momentum 0.9 the registry uses 0.1: the
+        reused direction stays fixed for ``k - 1`` steps, the momentum buffer
+        integrates it, and at 0.7 training stalls (MNIST-1D, 3 seeds: 79.7 % test
+        accuracy and train loss 0.52 at 0.7, 93.9 % at 0.1, SGD 93.3 %; see the
+        efficient-methods docs page).
       eps: added to every norm that is divided by.
-      layerwise: decompose and rescale per leaf instead of over the whole tree
-        (the paper's layer-wise variant).
+      layerwise: decompose ``g_s`` and rescale ``g_v`` per leaf (per tensor)
+        instead of over the whole tree. This is the per-tensor scheme of a
+        third-party port, not the paper's Look-LayerSAM, which instead rescales
+        the perturbation per layer for large-batch training with LAMB.
       mask: pytree of booleans (or a function of the params): leaves to perturb.
       axis_name: mapped axis over which the output is averaged.
 
