@@ -227,10 +227,13 @@ METHODS: dict[str, Method] = {
             "1 + gamma (backward) + 2 forwards",
             family="efficient",
         ),
+        # k 2 (probe on every other step): at k 5, 93.0 % clean against SGD's 93.3 %; at
+        # k 2, 93.4 % clean and 65.1 % with noisy labels (SGD 60.5 %), at the expected cost
+        # of `rst` at p 0.5, so the two switching baselines are compared at equal cost.
         Method(
             "sam_every_k",
             sam,
-            {"rho": 0.05, "k": 5},
+            {"rho": 0.05, "k": 2},
             "MosaicML Composer (SAM interval)",
             "1 + 1/k",
             build=_sam_with(policies.every, "k"),

@@ -85,12 +85,14 @@ BASES: dict[str, Base] = {
             lambda schedule: optax.trace(decay=0.9),
             "SGD momentum 0.9, cosine decay from lr 0.1, decoupled weight decay 5e-4",
         ),
+        # lr 1e-2: SGD's accuracy on MNIST-1D (93.1 % with one seed; 85.6 % at 3e-3,
+        # 71.0 % at 1e-3).
         Base(
             "adamw",
-            3e-3,
+            1e-2,
             1e-2,
             lambda schedule: optax.scale_by_adam(),
-            "AdamW (b1 0.9, b2 0.999), cosine decay from lr 3e-3, decoupled weight decay 1e-2",
+            "AdamW (b1 0.9, b2 0.999), cosine decay from lr 1e-2, decoupled weight decay 1e-2",
         ),
     ]
 }
