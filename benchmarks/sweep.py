@@ -55,7 +55,10 @@ GRIDS: dict[str, dict[str, list[str]]] = {
     "looksam": {"alpha": ["0", "0.1", "0.3", "0.5", "0.7"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
     "ae_looksam": {"alpha": ["0", "0.1", "0.3", "0.7"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
     "wsam": {"gamma": ["0.5", "0.7", "0.8", "0.9", "0.95"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
-    "wsam_coupled": {"gamma": ["0.5", "0.6", "0.7", "0.8", "0.9"]},
+    "wsam_coupled": {
+        "gamma": ["0.5", "0.6", "0.7", "0.8", "0.9"],
+        "rho": ["0.02", "0.05", "0.1", "0.2"],
+    },
     "gsam": {"alpha": ["0", "0.1", "0.2", "0.4", "0.7"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
     "esam": {
         "beta": ["0.3", "0.5", "0.6", "0.8", "1"],
@@ -112,7 +115,9 @@ def _save(result: CompareResult, path: Path) -> None:
     print(f"saved {path}", flush=True)
 
 
-def references(setting: str, out: Path, *, seeds: int, steps: int) -> Path:
+def references(
+    setting: str, out: Path, methods: Sequence[str] | None, *, seeds: int, steps: int
+) -> Path:
     """The run of every registry method at its defaults in ``setting`` (reference lines).
 
     For the settings of the recorded comparison it is that comparison's
@@ -126,9 +131,10 @@ def references(setting: str, out: Path, *, seeds: int, steps: int) -> Path:
         return path
     path = out / setting / "defaults.json"
     if not path.exists():
-        methods = None if setting != "adamw" else ",".join(ADAMW_METHODS)
+        if setting == "adamw":
+            methods = [m for m in methods or ADAMW_METHODS if m in ADAMW_METHODS]
         result = run_compare(
-            methods=methods,
+            methods=None if methods is None else ["sam", *methods],
             seeds=seeds,
             steps=steps,
             progress=sys.stderr.isatty(),
@@ -177,8 +183,9 @@ def _cell(row: dict[str, Any] | None) -> str:
     return text if row.get("finite", True) else f"{text} (diverged)"
 
 
-def report(out: Path, report_path: Path, settings: Sequence[str]) -> str:
-    """Writes the tables (Markdown) and the figures from the saved runs."""
+def report(out: Path, report_path: Path, settings: Sequence[str], *, write: bool = True) -> str:
+    """The tables (Markdown) from the saved runs; with ``write``, also writes them to
+    ``report_path`` and the figures into ``out``."""
     saved: dict[tuple[str, str], CompareResult] = {}
     for setting in settings:
         folder = out / setting
@@ -251,13 +258,15 @@ def report(out: Path, report_path: Path, settings: Sequence[str]) -> str:
                     cells.append(_cell(row))
                 mark = " (default)" if is_default else ""
                 lines.append(f"| {value}{mark} | " + " | ".join(cells) + " |")
-            figure = sweep_figure([saved[(s, method)] for s in present], method, key)
             name = f"{method}_{key}.png"
-            figure.savefig(out / name, dpi=100)
+            if write:
+                figure = sweep_figure([saved[(s, method)] for s in present], method, key)
+                figure.savefig(out / name, dpi=100)
             link = os.path.relpath(out / name, report_path.parent)
             lines += ["", f"![{method}: accuracy against {key}]({link})"]
     text = "\n".join(lines) + "\n"
-    report_path.write_text(text)
+    if write:
+        report_path.write_text(text)
     return text
 
 
@@ -285,7 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report:
         for setting in settings:
             if args.out != OUT or setting not in RECORDED:  # recorded ones come from compare
-                references(setting, args.out, seeds=seeds, steps=steps)
+                # Every method in the full run; only those swept in a quick one.
+                swept = methods if args.quick else None
+                references(setting, args.out, swept, seeds=seeds, steps=steps)
         for setting, method, key in plan(settings, methods, args.keys):
             run_one(setting, method, key, args.out, seeds=seeds, steps=steps)
     if not args.no_report:
