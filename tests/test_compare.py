@@ -166,7 +166,7 @@ def test_counts_probe_fraction_and_hooks(monkeypatch):
         (["--seeds", "-2"], ["seeds", "positive"]),
         (["--steps", "ten"], ["--steps", "ten"]),
         (["--methods", "sam:nosuch=1"], ["'nosuch'", "rho=0.05 (float or schedule)"]),
-        (["--methods", "looksam:k=2.5"], ["`k` takes an integer", "alpha=0.7"]),
+        (["--methods", "looksam:k=2.5"], ["`k` takes an integer", "alpha=0.1"]),
         (["--methods", "sam:rho=-1"], ["`rho`", "-1", "sam takes: rho=0.05"]),
         (["--methods", "sam:rho=__import__('os')"], ["is not a value", "linear("]),
         (["--methods", "looksam:layerwise=yes"], ["true or false", "layerwise"]),

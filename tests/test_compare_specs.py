@@ -67,7 +67,7 @@ def test_a_schedule_parses_where_the_constructor_takes_one():
         ("sam:rho=abc", ["'abc' is not a number"]),
         ("sam:rho=nan", ["not a finite number"]),
         ("sam:rho=-0.1", ["`rho`", "sam takes: rho=0.05"]),
-        ("looksam:k=0", ["`k`", "looksam takes:", "alpha=0.7"]),
+        ("looksam:k=0", ["`k`", "looksam takes:", "alpha=0.1"]),
         ("looksam:k=2.0", ["`k` takes an integer"]),
         ("wsam:gamma=1", ["`gamma`", "wsam takes:"]),
         ("sam:rho=exp(1)", ["is not a value", "linear(init_value"]),
