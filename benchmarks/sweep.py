@@ -217,7 +217,11 @@ def report(out: Path, report_path: Path, settings: Sequence[str], *, write: bool
         "",
         f"MNIST-1D, {first.config['seeds']} seeds × {first.config['steps']} steps of batch "
         f"{first.config['batch_size']}; test accuracy (%) as mean ± std over seeds. Each "
-        "hyperparameter is varied alone, the others at the registry's defaults. Settings: "
+        "hyperparameter is varied alone, the others at the registry's defaults; the row "
+        "marked (default) and the reference lines are the runs of every method at its "
+        "registry defaults (for clean and noisy, the recorded comparison in "
+        "`benchmarks/compare/`). Figures: dotted vertical line, the registry's default; "
+        "dashed, the paper's where it differs. Settings: "
         + "; ".join(
             f"**{s}**: label noise {SETTINGS[s]['label_noise']:g}, "
             + next(r.config["base_description"] for (t, _), r in saved.items() if t == s)

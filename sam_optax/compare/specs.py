@@ -127,7 +127,9 @@ def split_top_level(text: str, sep: str) -> list[str]:
       >>> split_top_level("sam:rho=linear(0,0.1,50),asam", ",")
       ['sam:rho=linear(0,0.1,50)', 'asam']
     """
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "(":
             depth += 1
@@ -270,7 +272,7 @@ def _pairs(text: str, *, many: bool) -> tuple[str, list[tuple[Parameter, list[st
     if name not in registry.METHODS:
         raise _unknown_method(name)
     params = parameters(name)
-    pairs = []
+    pairs: list[tuple[Parameter, list[str]]] = []
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         key = key.strip()
