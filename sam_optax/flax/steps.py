@@ -81,7 +81,8 @@ def nnx_step(
       Foret et al., Sharpness-Aware Minimization for Efficiently Improving
       Generalization, ICLR 2021, https://arxiv.org/abs/2010.01412
     """
-    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    # Two filters give exactly two states; nnx.split's annotation cannot say so.
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)  # type: ignore[misc]
     # The non-parameter state (BatchNorm statistics, RNG counters) enters each pass as
     # plain arrays, so that each pass merges fresh variables that it may mutate inside
     # its own trace; the probe's mutations are dropped, the clean pass's are kept.
