@@ -54,7 +54,7 @@ def kernel_env(directory: pathlib.Path) -> dict[str, str]:
     }
 
 
-def execute(nb: nbformat.NotebookNode, timeout: int = 900) -> nbformat.NotebookNode:
+def execute(nb: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.NotebookNode:
     """Runs ``nb`` from scratch in the kernel of :func:`kernel_env`; returns it with outputs.
 
     Stored outputs are cleared first; the notebook's metadata is kept as it was (so that
