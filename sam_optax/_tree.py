@@ -72,7 +72,7 @@ def zeros_like_accum(tree: PyTree) -> PyTree:
 
 def is_python_number(value: Any) -> bool:
     """True for a concrete Python or NumPy number (not a traced array)."""
-    return isinstance(value, numbers.Number | np.ndarray | np.generic) and np.ndim(value) == 0
+    return isinstance(value, numbers.Number | np.ndarray | np.generic) and np.ndim(value) == 0  # type: ignore[arg-type]
 
 
 def leaf_name(path: tuple) -> str | None:

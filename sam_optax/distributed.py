@@ -44,6 +44,7 @@ def _split(batch: PyTree, size: int, name: str) -> PyTree:
             f"every leaf of `batch` must share one leading batch axis, got leading sizes {sizes}."
         )
     (n,) = sizes
+    assert n is not None  # checked above; tells the type checker
     if n % size:
         raise ValueError(f"`{name}`={size} must divide the batch size {n}.")
     return jax.tree.map(lambda x: jnp.reshape(x, (n // size, size, *jnp.shape(x)[1:])), batch)

@@ -157,7 +157,7 @@ class VaSSOState(NamedTuple):
     """
 
     d: PyTree
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def vasso_perturbation(theta: float | jax.Array = 0.9) -> Perturbation:
@@ -218,7 +218,7 @@ class FriendlyState(NamedTuple):
     """
 
     m: PyTree
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def friendly_perturbation(

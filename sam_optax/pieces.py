@@ -32,7 +32,7 @@ class Context(NamedTuple):
     """
 
     params: PyTree
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     rho: jax.Array | float
     eps: jax.Array | float
     axis_name: str | None

@@ -13,7 +13,7 @@ This module is the only code in the library that calls ``grad_fn``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from sam_optax.pieces import Combine, Context, Perturbation, Policy
 from sam_optax.policies import always
 
 PyTree = Any
-ScalarOrSchedule = float | jax.Array | optax.Schedule
+ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
 
 
 class SharpnessAwareState(NamedTuple):
@@ -40,7 +40,7 @@ class SharpnessAwareState(NamedTuple):
       policy: the policy piece's state (e.g. AE-SAM's statistics).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     probes: jax.Array
     perturbation: PyTree
     combine: PyTree
@@ -219,6 +219,7 @@ def sharpness_aware(
                 out, c_state = _select(jnp.asarray(rho_t) > 0, (out, c_state), (g, state.combine))
             return out, state.perturbation, c_state
 
+        take: bool | jax.Array
         if static_rho and rho_t == 0:
             take, policy_state = False, state.policy
         else:

@@ -61,7 +61,7 @@ def run(step, params, state, batches):
     return params, state
 
 
-# ----- NumPy float64 references (ALGORITHMS.md, SAM and m-sharpness) -----
+# ----- NumPy float64 references: docs/methods/core.md (SAM), docs/multi_device.md (m-sharpness)
 
 
 def np_grad(params: dict, batch) -> dict:

@@ -31,7 +31,7 @@ def gradient_stream():
 
 
 def reference_decisions(gs):
-    """ALGORITHMS.md's AE-SAM rule in float64: (probe, mu, var) per step."""
+    """The AE-SAM rule of docs/methods/efficient.md in float64: (probe, mu, var) per step."""
     out, mu, var = [], 0.0, 0.0
     for t, g in enumerate(gs.astype(np.float64)):
         s = np.sum(g**2)

@@ -1,4 +1,4 @@
-"""The common matrix: every method against every contract of DESIGN.md.
+"""The common matrix: every method against every contract of docs/design.md.
 
 A new method joins by one entry in ``METHODS``: a function ``(rho, base, **kw) -> tx``
 that returns the full optimizer (usually ``optax.chain(method(rho=rho, **kw), base)``);

@@ -1,4 +1,4 @@
-"""Friendly SAM against ALGORITHMS.md in NumPy float64, over five steps of its EMA."""
+"""Friendly SAM against docs/methods/geometry.md in NumPy float64, over five steps of its EMA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GSAM against ALGORITHMS.md in NumPy float64, its reductions, and its rho schedule."""
+"""GSAM against docs/methods/geometry.md in NumPy float64, its reductions, and its rho schedule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LookSAM against an independent NumPy float64 implementation of ALGORITHMS.md."""
+"""LookSAM against an independent NumPy float64 implementation of docs/methods/efficient.md."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def ungroup(parts, like):
 
 
 def reference(w, steps, rho, k, alpha, lr, layerwise):
-    """LookSAM + SGD in float64, per ALGORITHMS.md; returns params and g_v per step."""
+    """LookSAM + SGD in float64, per docs/methods/efficient.md; returns params and g_v per step."""
     g_v = [np.zeros_like(v) for v in w]
     params, stored = [], []
     for t in range(steps):

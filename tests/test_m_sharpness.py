@@ -2,7 +2,7 @@
 
 (a) 8 devices x m examples, each passing its local gradient to a method built with
 ``axis_name``, and (b) ``sam_optax.m_sharpness`` with 8 groups of m on one device give
-the same update, and both equal the NumPy float64 m-sharpness of ALGORITHMS.md.
+the same update, and both equal the NumPy float64 m-sharpness of docs/multi_device.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SAM, ASAM and Fisher SAM: one step against ALGORITHMS.md in NumPy float64.
+"""SAM, ASAM and Fisher SAM: one step against docs/methods/core.md in NumPy float64.
 
 The loss is separable, ``L(w) = sum(a w^2 / 2 + b w^4 / 4 + c w)`` per leaf, so its
 gradient ``a w + b w^3 + c`` is computed in NumPy independently of JAX.

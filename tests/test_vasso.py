@@ -1,4 +1,4 @@
-"""VaSSO against ALGORITHMS.md in NumPy float64, over five steps of its EMA."""
+"""VaSSO against docs/methods/geometry.md in NumPy float64, over five steps of its EMA."""
 
 from __future__ import annotations
 

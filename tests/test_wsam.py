@@ -1,4 +1,4 @@
-"""WSAM, coupled and decoupled, against ALGORITHMS.md in NumPy float64."""
+"""WSAM, coupled and decoupled, against docs/methods/geometry.md in NumPy float64."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def nnx_step(
       optimizer: an ``nnx.Optimizer`` over ``model`` whose ``tx`` is a chain
         with a sharpness-aware transformation (any optax chain works).
       loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)`` with
-        ``has_aux=True``), called in training mode.
+        ``has_aux=True``), called in training mode. It calls the model itself,
+        unlike :func:`linen_step`'s, which takes the model's outputs.
       *args: passed to ``loss_fn`` (the batch, ...).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       update_kwargs: further keyword arguments for ``tx.update`` (e.g. ESAM's
@@ -81,7 +82,8 @@ def nnx_step(
       Foret et al., Sharpness-Aware Minimization for Efficiently Improving
       Generalization, ICLR 2021, https://arxiv.org/abs/2010.01412
     """
-    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    # Two filters give exactly two states; nnx.split's annotation cannot say so.
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)  # type: ignore[misc]
     # The non-parameter state (BatchNorm statistics, RNG counters) enters each pass as
     # plain arrays, so that each pass merges fresh variables that it may mutate inside
     # its own trace; the probe's mutations are dropped, the clean pass's are kept.
@@ -139,7 +141,9 @@ def linen_step(
     Args:
       state: a :class:`TrainState` (``model_state`` holds e.g. ``batch_stats``).
       loss_fn: ``loss_fn(outputs) -> loss`` (or ``(loss, aux)`` with
-        ``has_aux=True``), where ``outputs`` is what the model returns.
+        ``has_aux=True``), where ``outputs`` is what the model returns: the
+        helper applies the model, unlike :func:`nnx_step`, whose ``loss_fn``
+        takes ``(model, *args)``.
       *model_args: positional arguments of ``apply_fn`` after the variables.
       rngs: PRNG keys for the model (e.g. ``{"dropout": key}``), used by both passes.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.

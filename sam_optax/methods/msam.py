@@ -26,7 +26,7 @@ class MSAMState(NamedTuple):
         perturbation is removed exactly even when ``rho`` follows a schedule.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     momentum: PyTree
     scale: jax.Array
 

@@ -171,7 +171,8 @@ def fisher_sam(
         \mathrm{out} = \mathrm{grad\_fn}(w + e)
 
     ``eta = 0`` gives SAM. **Unverified**: no official code exists; the proxy
-    and the defaults follow reimplementations, as recorded in ALGORITHMS.md.
+    and the defaults follow reimplementations (see the Fisher SAM section of the
+    documentation's core-family page).
 
     Args:
       rho: the perturbation radius (default 0.1), a number or an optax schedule.

@@ -27,7 +27,7 @@ class SWAState(NamedTuple):
         the params (dtype: the params', or ``accumulator_dtype``).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     averaged: jax.Array
     mean: PyTree
 
