@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -73,7 +75,7 @@ def test_the_method_guide_is_what_the_script_writes():
 
 def test_every_family_has_a_page():
     for name, method in registry.METHODS.items():
-        title, page = registry.FAMILIES[method.family]
+        _, page = registry.FAMILIES[method.family]
         assert name == "sgd" or os.path.exists(os.path.join(ROOT, "docs", "methods", page))
 
 
