@@ -86,7 +86,7 @@ def surrogate_gap(alpha: float | jax.Array = 0.4) -> Combine:
 
     def combine(g, g_p, state, ctx):
         g_m, g_p_m = _tree.apply_mask(g, ctx.mask), _tree.apply_mask(g_p, ctx.mask)
-        coef = _tree.vdot(g_m, g_p_m) / (jnp.square(_tree.global_norm(g_p_m)) + ctx.eps)
+        coef, _ = _tree.projection(g_m, g_p_m, ctx.eps)
         g_perp = jax.tree.map(lambda a, b: a - coef * b, g_m, g_p_m)
         return jax.tree.map(lambda b, c: b - alpha * c, g_p, g_perp), state
 
@@ -210,7 +210,7 @@ def looksam_reuse(
         g_m, s_m = _tree.apply_mask(g, ctx.mask), _tree.apply_mask(g_p, ctx.mask)
         parts = []
         for g_i, s_i in zip(_groups(g_m, layerwise), _groups(s_m, layerwise), strict=True):
-            coef = _tree.vdot(g_i, s_i) / (jnp.square(_tree.global_norm(g_i)) + ctx.eps)
+            coef, _ = _tree.projection(s_i, g_i, ctx.eps)
             parts.append(jax.tree.map(lambda s, x, c=coef: s - c * x, s_i, g_i))
         g_v = jax.tree.unflatten(jax.tree.structure(g), parts) if layerwise else parts[0]
         g_v = _tree.cast_like(g_v, state.g_v)

@@ -73,8 +73,11 @@ def test_ae_sam_statistics_and_decisions_over_30_steps(calls):
     for t, (out, state, executed) in enumerate(run(tx, gs, calls)):
         probe, mu, var = want[t]
         assert executed == int(probe), t
-        np.testing.assert_allclose(float(state.policy.mu), mu, rtol=1e-5)
-        np.testing.assert_allclose(float(state.policy.var), var, rtol=1e-4, atol=1e-6)
+        scale = float(state.policy.scale)  # the statistics are stored in units of scale
+        np.testing.assert_allclose(float(state.policy.mu) * scale**2, mu, rtol=1e-5)
+        np.testing.assert_allclose(
+            float(state.policy.var) * scale**4, var, rtol=1e-4, atol=1e-6
+        )
         g_s, g = sam_out(gs[t])
         np.testing.assert_allclose(np.asarray(out), g_s if probe else g, rtol=1e-5, atol=1e-6)
     assert int(state.probes) == sum(decisions) and int(state.count) == STEPS
