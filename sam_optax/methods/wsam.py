@@ -13,7 +13,12 @@ from sam_optax.combines import weighted_sharpness
 from sam_optax.methods.sam import Mask
 from sam_optax.perturbations import normalized_gradient
 from sam_optax.pieces import Policy
-from sam_optax.skeleton import ScalarOrSchedule, SharpnessAwareState, sharpness_aware
+from sam_optax.skeleton import (
+    ScalarOrSchedule,
+    SharpnessAwareState,
+    check_state,
+    sharpness_aware,
+)
 
 PyTree = Any
 
@@ -190,6 +195,8 @@ def wsam_decoupled(
         return WSAMDecoupledState(sharpness=probe.init(params), base=base.init(params))
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+        if params is not None:  # without params, the probe below says what is missing
+            check_state(state, jax.eval_shape(init_fn, params), "wsam_decoupled")
         # Integer leaves (float0 cotangents) get no sharpness term: their update passes through.
         floating = _tree.floating_flags(updates)
         g = _tree.as_float(updates, updates, floating)
