@@ -192,7 +192,13 @@ def projection(a: PyTree, b: PyTree, eps: float | jax.Array) -> tuple[jax.Array,
     the top of the float32 range do not overflow. ``‖b‖`` is returned for reuse.
     """
     norm_a, norm_b = global_norm(a), global_norm(b)
-    cos = real_vdot(scale_tree(a, inverse(norm_a)), scale_tree(b, inverse(norm_b)))
+    # The barrier keeps XLA from regrouping (a_i / ‖a‖)(b_i / ‖b‖) as
+    # (a_i b_i)(1 / (‖a‖ ‖b‖)), which overflows for two small norms (seen on a leaf
+    # that a mask had set to the constant 0).
+    unit_a, unit_b = jax.lax.optimization_barrier(
+        (scale_tree(a, inverse(norm_a)), scale_tree(b, inverse(norm_b)))
+    )
+    cos = real_vdot(unit_a, unit_b)
     safe_b = jnp.where(norm_b > 0, norm_b, 1.0)
     coef = jnp.where(norm_b > 0, cos * norm_a / (safe_b + eps / safe_b), 0.0)
     return coef, norm_b

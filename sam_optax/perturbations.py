@@ -101,6 +101,11 @@ def adaptive_leaves(params: PyTree) -> PyTree:
       Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
       Learning of Deep Neural Networks, ICML 2021, https://arxiv.org/abs/2102.11600
     """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not (hasattr(leaf, "shape") or _tree.is_python_number(leaf)):
+            raise ValueError(
+                f"`params` leaves must be arrays, got {leaf!r} at {jax.tree_util.keystr(path)}."
+            )
     return jax.tree_util.tree_map_with_path(_is_weight, params)
 
 

@@ -87,7 +87,9 @@ def test_documented_clipping_bounds_what_reaches_the_base_optimizer():
     }.items():
         params, state, norms[where] = jnp.zeros(2), tx.init(jnp.zeros(2)), []
         for _ in range(3):
-            updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=jax.grad(loss))
+            updates, state = tx.update(
+                jax.grad(loss)(params), state, params, grad_fn=jax.grad(loss)
+            )
             params = optax.apply_updates(params, updates)
             norms[where].append(float(jnp.linalg.norm(updates)))
     np.testing.assert_allclose(norms["after"], 1.0, rtol=1e-6)

@@ -204,3 +204,35 @@ def test_rho_zero_is_identity(name, problem):
         tx = METHODS[name](0.0, optax.identity(), mask=mask)
         out, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
         chex.assert_trees_all_equal(out, grads, strict=True)
+
+
+LARGE_SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None)
+
+
+@pytest.mark.slow
+@names
+@LARGE_SETTINGS
+@_with_edges
+@given(problem=problems())
+def test_large_probe_gradients_stay_finite(name, problem):
+    """``grad_fn`` returns ``1.5 g + e``: as large as ``g`` (to 1e30), so that every inner
+    product, projection and statistic meets magnitudes near 1e60 (the probe above
+    returns ``e``, whose products with ``g`` stay small)."""
+    dtype, params, grads, mask, rho = problem
+    with _x64(dtype):
+        params, grads = _as(params, dtype), _as(grads, dtype)
+
+        def grad_fn(w_p):
+            return jax.tree.map(
+                lambda g, a, b: (1.5 * g.astype(jnp.float32) + (a - b)).astype(g.dtype),
+                grads,
+                w_p,
+                params,
+            )
+
+        tx = METHODS[name](rho, optax.identity(), mask=mask)
+        state = tx.init(params)
+        for _ in range(2):  # LookSAM and AE-LookSAM reuse g_v on the second step
+            out, state = tx.update(grads, state, params, grad_fn=grad_fn)
+            chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+            chex.assert_tree_all_finite((out, state))
