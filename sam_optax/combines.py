@@ -58,7 +58,10 @@ def surrogate_gap(alpha: float | jax.Array = 0.4) -> Combine:
 
     Descending along ``-g_perp`` lowers the surrogate gap
     ``L(w + e) - L(w)`` without changing the perturbed loss to first order.
-    ``alpha = 0`` gives SAM. Where a mask is given, the dot product, the norm
+    ``alpha = 0`` gives SAM. For complex leaves the dot product is its real part,
+    :math:`\mathrm{Re}\langle g, g_p \rangle`. The coefficient is formed from unit
+    vectors, so gradients near the top of the float32 range do not overflow.
+    Where a mask is given, the dot product, the norm
     and ``g_perp`` live on the perturbed leaves only (the others descend along
     ``g_p``). The decomposition uses the gradients on this device; under
     ``axis_name`` the result is then averaged, as in both official codes. On a
@@ -171,10 +174,12 @@ def looksam_reuse(
         \mathrm{out} = g + \alpha \, \frac{\lVert g \rVert}{\lVert g_v \rVert + \epsilon}\, g_v
 
     With ``layerwise=True`` the projection and both norms are taken per leaf
-    instead of over the whole tree. Before the first probe ``g_v = 0`` and a
-    skipped step returns ``g``. Where the method has a mask (``ctx.mask``, the
-    leaves that are perturbed) the decomposition runs over the masked leaves
-    only: the others get ``g_s`` on a probing step and ``g`` on a skipped one.
+    instead of over the whole tree. For complex leaves the dot product is its real
+    part; the coefficient is formed from unit vectors, so it does not overflow.
+    Before the first probe ``g_v = 0`` and a skipped step returns ``g``. Where the
+    method has a mask (``ctx.mask``, the leaves that are perturbed) the
+    decomposition runs over the masked leaves only: the others get ``g_s`` on a
+    probing step and ``g`` on a skipped one.
 
     Args:
       alpha: the weight of the reused ``g_v`` (paper: 0.7).

@@ -57,7 +57,7 @@ def _missing(what: str, name: str) -> ValueError:
         "    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)\n"
         "If you did pass it, a wrapper between the call and this transformation dropped "
         "it (optax.lookahead does): see the recipe for optax.lookahead in the guide "
-        "'SAM with Flax' (docs/guides/flax.md)."
+        "'Compositions' (docs/guides/compositions.md)."
     )
 
 

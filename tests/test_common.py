@@ -597,3 +597,28 @@ def test_sharded_sam_norms_need_one_all_reduce_per_sum():
         re.search(r"all-reduce(?:-start)?\((.*?)\)", line).group(1).count("%") for line in reduces
     )
     assert operands == 3, reduces
+
+
+@names
+def test_clipping_after_the_method_bounds_what_reaches_the_base_optimizer(name):
+    """docs/guides/compositions.md: clip after the method (inside the base optimizer).
+
+    Decoupled WSAM's sharpness term bypasses the base optimizer by design: the page's
+    recipe clips both gradients, which bounds it by lr α ‖g_p - g‖ <= 0.05 · 9 · 2.
+    """
+
+    def loss(p):
+        return 1e4 * sum(jnp.sum(jnp.square(x - 3.0)) for x in jax.tree.leaves(p))
+
+    clip = optax.clip_by_global_norm(1.0)
+    tx = METHODS[name](_rho(name), optax.chain(clip, optax.sgd(1.0)))
+    grad_fn, bound = jax.grad(loss), 1.0
+    if name == "wsam_decoupled":
+        grad_fn = lambda p: clip.update(jax.grad(loss)(p), clip.init(p))[0]  # noqa: E731
+        bound += 0.05 * 9.0 * 2.0
+    params = make_params()
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        params = optax.apply_updates(params, updates)
+        assert float(optax.global_norm(updates)) <= bound * (1 + 1e-5)
