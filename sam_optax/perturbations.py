@@ -406,7 +406,7 @@ def stochastic_weight_perturbation(beta: float | jax.Array = 0.6, *, seed: int =
     if callable(beta):
         raise ValueError(f"`beta` must be a number in (0, 1], got the callable {beta!r}.")
     # An integer array is accepted too (optax.inject_hyperparams turns the default into one).
-    _validate.integer("seed", seed, None)
+    _validate.integer("seed", seed, None, static=not isinstance(seed, jax.Array))
 
     def init(params):
         del params
