@@ -624,4 +624,4 @@ def test_clipping_after_the_method_bounds_what_reaches_the_base_optimizer(name):
     for _ in range(3):
         updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
         params = optax.apply_updates(params, updates)
-        assert float(optax.global_norm(updates)) <= bound * (1 + 1e-5)
+        assert float(optax.tree.norm(updates)) <= bound * (1 + 1e-5)

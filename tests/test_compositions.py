@@ -107,9 +107,9 @@ def test_clipping_inside_grad_fn_clips_both_gradients(page):
     tx = optax.chain(sam_optax.sam(RHO), optax.identity())
     grads = page["clipped"](page["grads"])
     out, _ = tx.update(grads, tx.init(page["params"]), page["params"], grad_fn=grad_fn)
-    assert float(optax.global_norm(out)) <= 1.0 + 1e-6
+    assert float(optax.tree.norm(out)) <= 1.0 + 1e-6
     e = jax.tree.map(jnp.subtract, seen[0], page["params"])
-    np.testing.assert_allclose(float(optax.global_norm(e)), RHO, rtol=1e-5)
+    np.testing.assert_allclose(float(optax.tree.norm(e)), RHO, rtol=1e-5)
 
 
 def test_lookahead_recipe_trains_the_fast_weights_with_probes(page):
