@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 PyTree = Any
 
@@ -28,41 +29,179 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x.astype(jnp.asarray(y).dtype), tree, like)
 
 
-def vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Global dot product ``<a, b>`` over all leaves, accumulated in float32 or wider."""
-    parts = [
-        jnp.sum(x.astype(accum_dtype(x.dtype)) * y.astype(accum_dtype(y.dtype)))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    ]
-    return sum(parts, jnp.zeros([], jnp.float32))
+def floating_flags(params: PyTree) -> list[bool]:
+    """One flag per leaf: does it hold floating or complex values (does it get a gradient)?"""
+    return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(params)]
+
+
+def as_float(tree: PyTree, like: PyTree, floating: list[bool]) -> PyTree:
+    """Accumulation-dtype leaves; zeros (float32) for the integer leaves of the params.
+
+    Integer parameters get float0 (or integer) cotangents that cannot enter any
+    arithmetic; the pieces see zeros there, and the output passes the incoming
+    leaf through (see :func:`pass_through`).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten(
+        [
+            to_accum(x) if keep else jnp.zeros(jnp.shape(w), jnp.float32)
+            for x, w, keep in zip(leaves, jax.tree.leaves(like), floating, strict=True)
+        ]
+    )
+
+
+def pass_through(out: PyTree, updates: PyTree, floating: list[bool]) -> PyTree:
+    """``out`` in the dtypes of ``updates``; the integer leaves' updates unchanged."""
+    leaves, treedef = jax.tree.flatten(out)
+    return treedef.unflatten(
+        [
+            x.astype(jnp.asarray(u).dtype) if keep else u
+            for x, u, keep in zip(leaves, jax.tree.leaves(updates), floating, strict=True)
+        ]
+    )
+
+
+def _explicit_axes(x: jax.Array) -> tuple[Any, frozenset[str]]:
+    """The mesh of ``x`` and the Explicit mesh axes over which it is sharded.
+
+    Outside an Explicit mesh (plain ``jit`` with sharded inputs, ``shard_map``,
+    ``pmap``) there are none.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None or not getattr(mesh, "axis_names", ()):
+        return None, frozenset()
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    axes = set()
+    for entry in spec:
+        axes.update(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
+    axes &= explicit
+    return (mesh, frozenset(axes)) if axes else (None, frozenset())
+
+
+def total(parts: list[jax.Array]) -> jax.Array:
+    """``Σ`` over every entry of every array in ``parts``, with one reduction across devices.
+
+    Each array is summed on its own shard first. Under an Explicit mesh the partial
+    sums stay unreduced (no communication) and are added together, then reduced
+    across devices once per set of mesh axes; elsewhere XLA combines the per-leaf
+    cross-device sums into one collective. The result is a float32 (or wider) scalar.
+    """
+    dtype = jnp.result_type(jnp.float32, *(x.dtype for x in parts)) if parts else jnp.float32
+    groups: dict[tuple[Any, frozenset[str]], jax.Array] = {}
+    for x in parts:
+        x = x.astype(dtype)
+        mesh, axes = key = _explicit_axes(x)
+        if axes:
+            unreduced = NamedSharding(mesh, PartitionSpec(unreduced=axes))
+            part = jax.lax.reduce_sum(x, tuple(range(x.ndim)), out_sharding=unreduced)
+        else:
+            part = jnp.sum(x)
+        groups[key] = part if key not in groups else groups[key] + part
+    out = jnp.zeros([], dtype)
+    for (mesh, axes), part in groups.items():
+        if axes:
+            part = jax.sharding.reshard(part, NamedSharding(mesh, PartitionSpec()))
+        out = out + part
+    return out
+
+
+def _real_parts(x: jax.Array) -> list[jax.Array]:
+    """A leaf as real arrays: itself, or the real and imaginary parts of a complex leaf."""
+    x = x.astype(accum_dtype(x.dtype))
+    return [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+
+
+def _blue_constants(dtype: Any) -> tuple[float, float, float, float]:
+    """Blue's thresholds and scales (LAPACK ``dnrm2``) for a real floating dtype.
+
+    Entries below ``t_small`` are squared after scaling up by ``s_small``, entries
+    above ``t_big`` after scaling down by ``s_big``, so that no square underflows
+    or overflows and no sum of squares overflows.
+    """
+    info = jnp.finfo(dtype)
+    t, emin, emax = info.nmant + 1, info.minexp, info.maxexp
+    return (
+        2.0 ** np.ceil((emin - 1) / 2),
+        2.0 ** -np.floor((emin - t) / 2),
+        2.0 ** np.floor((emax - t + 1) / 2),
+        2.0 ** -np.ceil((emax + t - 1) / 2),
+    )
 
 
 def global_norm(tree: PyTree) -> jax.Array:
     """Global L2 norm over all leaves, accumulated in float32 (or wider).
 
-    The plain sum of squares overflows float32 for entries near 1e20; when it
-    does, the norm is recomputed with the entries scaled by their largest
-    magnitude, so that finite inputs always give a finite, accurate norm.
-    Non-finite inputs propagate (the result is ``inf`` or ``nan``).
+    Complex leaves count ``|x|² = Re(x)² + Im(x)²``. Blue's algorithm (LAPACK's
+    ``nrm2``) keeps three sums of squares, of the small, medium and large entries
+    scaled by powers of two, so that finite entries anywhere in the dtype's range
+    give a finite, accurate norm with no second pass. Each sum needs one reduction
+    across devices, whatever the number of leaves. Non-finite inputs propagate.
     """
-    leaves = [x.astype(accum_dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+    leaves = [r for x in jax.tree.leaves(tree) for r in _real_parts(jnp.asarray(x))]
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    sumsq = sum((jnp.sum(jnp.square(x)) for x in leaves), jnp.zeros([], jnp.float32))
+    dtype = jnp.result_type(*leaves)
+    t_small, s_small, t_big, s_big = _blue_constants(dtype)
+    small, medium, big = [], [], []
+    for x in leaves:
+        a = jnp.abs(x)
+        is_big, is_small = a > t_big, a < t_small
+        small.append(jnp.square(jnp.where(is_small, a * s_small, 0.0)))
+        big.append(jnp.square(jnp.where(is_big, a * s_big, 0.0)))
+        medium.append(jnp.square(jnp.where(is_big | is_small, 0.0, a)))
+    small_sum, medium_sum, big_sum = total(small), total(medium), total(big)
+    norm = jnp.hypot(jnp.sqrt(big_sum) / s_big, jnp.sqrt(medium_sum))
+    return jnp.hypot(norm, jnp.sqrt(small_sum) / s_small).astype(dtype)
 
-    def scaled(_):
-        big = max_abs(leaves)
-        safe = jnp.where(big > 0, big, 1.0)
-        ss = sum((jnp.sum(jnp.square(x / safe)) for x in leaves), jnp.zeros([], sumsq.dtype))
-        return (safe * jnp.sqrt(ss)).astype(sumsq.dtype)
 
-    return jax.lax.cond(jnp.isfinite(sumsq), lambda _: jnp.sqrt(sumsq), scaled, None)
+def real_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``Re <a, b> = Σ Re(a) Re(b) + Im(a) Im(b)`` over all leaves (no overflow guard).
+
+    Use it on vectors whose entries are bounded (e.g. divided by their norms, as
+    :func:`projection` does); one reduction across devices.
+    """
+    parts = [
+        x * y
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        for x, y in zip(_real_parts(jnp.asarray(u)), _real_parts(jnp.asarray(v)), strict=True)
+    ]
+    return total(parts) if parts else jnp.zeros([], jnp.float32)
 
 
-def max_abs(tree: PyTree) -> jax.Array:
-    """The largest ``|x|`` over all entries of all leaves (0 for empty leaves)."""
-    leaves = [jnp.max(jnp.abs(x), initial=0.0) for x in jax.tree.leaves(tree)]
-    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], jnp.float32)
+def scale_tree(tree: PyTree, factor: jax.Array) -> PyTree:
+    """``factor * tree`` leaf by leaf, in each leaf's dtype."""
+    return jax.tree.map(lambda x: (factor * x).astype(x.dtype), tree)
+
+
+def inverse(norm: jax.Array) -> jax.Array:
+    """``1 / norm``, and 0 where ``norm`` is 0 (a zero vector stays zero)."""
+    return jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def projection(a: PyTree, b: PyTree, eps: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""``(Re<a, b> / (‖b‖² + eps), ‖b‖)``, finite for any finite ``a`` and ``b``.
+
+    The dot product is taken between ``a / ‖a‖`` and ``b / ‖b‖``, whose entries
+    are at most 1, and the ratio is then formed as
+    ``cos · ‖a‖ / (‖b‖ + eps / ‖b‖)``: nothing squares a norm, so gradients near
+    the top of the float32 range do not overflow. ``‖b‖`` is returned for reuse.
+    """
+    norm_a, norm_b = global_norm(a), global_norm(b)
+    # The barrier keeps XLA from regrouping (a_i / ‖a‖)(b_i / ‖b‖) as
+    # (a_i b_i)(1 / (‖a‖ ‖b‖)), which overflows for two small norms (seen on a leaf
+    # that a mask had set to the constant 0).
+    unit_a, unit_b = jax.lax.optimization_barrier(
+        (scale_tree(a, inverse(norm_a)), scale_tree(b, inverse(norm_b)))
+    )
+    cos = real_vdot(unit_a, unit_b)
+    safe_b = jnp.where(norm_b > 0, norm_b, 1.0)
+    coef = jnp.where(norm_b > 0, cos * norm_a / (safe_b + eps / safe_b), 0.0)
+    return coef, norm_b
 
 
 def zeros_like_accum(tree: PyTree) -> PyTree:
@@ -87,11 +226,14 @@ def leaf_name(path: tuple) -> str | None:
     return None
 
 
-def resolve_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree) -> list[bool]:
+def resolve_mask(
+    mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, arg: str = "mask"
+) -> list[bool]:
     """Resolves ``mask`` against ``params`` into one Python bool per leaf.
 
     ``mask`` is ``None`` (every leaf), a pytree of booleans with the structure of
-    ``params``, or a function of ``params`` that returns such a pytree.
+    ``params``, or a function of ``params`` that returns such a pytree; ``arg`` is
+    the argument's name in error messages.
     """
     treedef = jax.tree.structure(params)
     if mask is None:
@@ -101,14 +243,14 @@ def resolve_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTre
         flat = treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
         raise ValueError(
-            "`mask` must have the structure of the params: expected "
+            f"`{arg}` must have the structure of the params: expected "
             f"{treedef}, got {jax.tree.structure(tree)}."
         ) from err
     out = []
     for leaf in flat:
         if not isinstance(leaf, bool | np.bool_):
             raise ValueError(
-                "`mask` leaves must be Python booleans (True: perturb this leaf), "
+                f"`{arg}` leaves must be Python booleans (True: this leaf is selected), "
                 f"got {leaf!r} of type {type(leaf).__name__}."
             )
         out.append(bool(leaf))

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_optax import _tree
 
@@ -78,11 +79,11 @@ def axis_name(value: Any) -> None:
         raise ValueError(f"`axis_name` must be None, a string or a tuple of names, got {value!r}.")
 
 
-def mask(value: Any) -> None:
-    """Checks that ``mask`` is ``None``, a callable or a pytree (structure checked at update)."""
+def mask(value: Any, name: str = "mask") -> None:
+    """Checks that a mask is ``None``, a callable or a pytree (structure checked at init)."""
     if isinstance(value, bool | str | int | float):
         raise ValueError(
-            "`mask` must be None, a pytree of booleans with the structure of the params, "
+            f"`{name}` must be None, a pytree of booleans with the structure of the params, "
             f"or a function of the params returning one; got {value!r}."
         )
 
@@ -97,6 +98,22 @@ def piece(name: str, value: Any, kind: type) -> None:
         )
 
 
+def not_static(name: str, value: Any, kind: str) -> None:
+    """Refuses an array where a Python number is needed, saying to use ``static_args``.
+
+    ``optax.inject_hyperparams`` turns every numeric argument, defaults included,
+    into an array; a structural one (a period, a subset size) must stay a number.
+    """
+    if isinstance(value, jax.Array | np.ndarray):
+        raise ValueError(
+            f"`{name}` must be a Python number ({kind}), got the array {value!r}: it fixes "
+            "the structure of the computation, so it cannot be an array. Under "
+            f"optax.inject_hyperparams pass it in `static_args`: "
+            f"optax.inject_hyperparams(method, static_args=({name!r},))(...) (it turns every "
+            "numeric argument into an array, defaults included)."
+        )
+
+
 def integer(name: str, value: Any, low: int | None, *, static: bool = False) -> Any:
     """Checks that ``value`` is an integer ``>= low`` (any integer when ``low`` is None).
 
@@ -105,6 +122,7 @@ def integer(name: str, value: Any, low: int | None, *, static: bool = False) -> 
     array (``inject_hyperparams``) passes unchecked.
     """
     if static:
+        not_static(name, value, "an integer")
         bad_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
         if bad_type or (low is not None and value < low):
             wanted = {None: "an integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
@@ -153,3 +171,21 @@ def key(name: str, value: Any) -> None:
         or (dtype == jnp.uint32 and value.shape[-1:] == (2,))
     ):
         raise ValueError(f"`{name}` must be a JAX PRNG key (jax.random.key(seed)), got {value!r}.")
+
+
+def floating_params(name: str, params: Any) -> None:
+    """Refuses params with an integer (or boolean) leaf, naming the leaf and what to do.
+
+    For the methods whose state or update covers every leaf (MSAM's momentum,
+    SWA's average); the sharpness-aware skeleton passes such leaves through instead.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise ValueError(
+                f"sam_optax.{name}: the params leaf {jax.tree_util.keystr(path)} has dtype "
+                f"{dtype}; {name} needs floating (or complex) leaves only. Keep integer "
+                "leaves (step counters, indices) out of the params, or out of this "
+                "transformation with optax.partition / optax.masked and "
+                "optax.set_to_zero() for them."
+            )

@@ -58,7 +58,10 @@ def surrogate_gap(alpha: float | jax.Array = 0.4) -> Combine:
 
     Descending along ``-g_perp`` lowers the surrogate gap
     ``L(w + e) - L(w)`` without changing the perturbed loss to first order.
-    ``alpha = 0`` gives SAM. Where a mask is given, the dot product, the norm
+    ``alpha = 0`` gives SAM. For complex leaves the dot product is its real part,
+    :math:`\mathrm{Re}\langle g, g_p \rangle`. The coefficient is formed from unit
+    vectors, so gradients near the top of the float32 range do not overflow.
+    Where a mask is given, the dot product, the norm
     and ``g_perp`` live on the perturbed leaves only (the others descend along
     ``g_p``). The decomposition uses the gradients on this device; under
     ``axis_name`` the result is then averaged, as in both official codes. On a
@@ -86,7 +89,7 @@ def surrogate_gap(alpha: float | jax.Array = 0.4) -> Combine:
 
     def combine(g, g_p, state, ctx):
         g_m, g_p_m = _tree.apply_mask(g, ctx.mask), _tree.apply_mask(g_p, ctx.mask)
-        coef = _tree.vdot(g_m, g_p_m) / (jnp.square(_tree.global_norm(g_p_m)) + ctx.eps)
+        coef, _ = _tree.projection(g_m, g_p_m, ctx.eps)
         g_perp = jax.tree.map(lambda a, b: a - coef * b, g_m, g_p_m)
         return jax.tree.map(lambda b, c: b - alpha * c, g_p, g_perp), state
 
@@ -171,10 +174,12 @@ def looksam_reuse(
         \mathrm{out} = g + \alpha \, \frac{\lVert g \rVert}{\lVert g_v \rVert + \epsilon}\, g_v
 
     With ``layerwise=True`` the projection and both norms are taken per leaf
-    instead of over the whole tree. Before the first probe ``g_v = 0`` and a
-    skipped step returns ``g``. Where the method has a mask (``ctx.mask``, the
-    leaves that are perturbed) the decomposition runs over the masked leaves
-    only: the others get ``g_s`` on a probing step and ``g`` on a skipped one.
+    instead of over the whole tree. For complex leaves the dot product is its real
+    part; the coefficient is formed from unit vectors, so it does not overflow.
+    Before the first probe ``g_v = 0`` and a skipped step returns ``g``. Where the
+    method has a mask (``ctx.mask``, the leaves that are perturbed) the
+    decomposition runs over the masked leaves only: the others get ``g_s`` on a
+    probing step and ``g`` on a skipped one.
 
     Args:
       alpha: the weight of the reused ``g_v`` (paper: 0.7).
@@ -210,7 +215,7 @@ def looksam_reuse(
         g_m, s_m = _tree.apply_mask(g, ctx.mask), _tree.apply_mask(g_p, ctx.mask)
         parts = []
         for g_i, s_i in zip(_groups(g_m, layerwise), _groups(s_m, layerwise), strict=True):
-            coef = _tree.vdot(g_i, s_i) / (jnp.square(_tree.global_norm(g_i)) + ctx.eps)
+            coef, _ = _tree.projection(s_i, g_i, ctx.eps)
             parts.append(jax.tree.map(lambda s, x, c=coef: s - c * x, s_i, g_i))
         g_v = jax.tree.unflatten(jax.tree.structure(g), parts) if layerwise else parts[0]
         g_v = _tree.cast_like(g_v, state.g_v)

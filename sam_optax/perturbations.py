@@ -6,6 +6,7 @@ mask excludes) and returns ``e``. ``‖·‖`` is the global L2 norm over all le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -47,23 +48,91 @@ def normalized_gradient() -> Perturbation:
     return Perturbation(empty_init, perturb)
 
 
-def _is_bias(path: tuple) -> bool:
-    return _tree.leaf_name(path) == "bias"
+# The names under which Flax and Haiku store the parameters that PyTorch calls ``weight``
+# (Dense/Conv kernels, embedding tables, normalisation scales) and ``bias``.
+_WEIGHT_NAMES = frozenset({"kernel", "embedding", "scale", "w", "embeddings"})
+_BIAS_NAMES = frozenset({"bias", "b", "offset"})
 
 
-def adaptive_perturbation(eta: float | jax.Array = 0.01) -> Perturbation:
+def _is_weight(path: tuple, leaf: Any) -> bool:
+    """ASAM's default rule: a weight tensor by its Flax or Haiku name, else by ``ndim >= 2``."""
+    name = _tree.leaf_name(path)
+    if name in _WEIGHT_NAMES:
+        return True
+    if name in _BIAS_NAMES:
+        return False
+    return jnp.ndim(leaf) >= 2
+
+
+def adaptive_leaves(params: PyTree) -> PyTree:
+    r"""ASAM's default choice of the leaves that get ``T = |w| + eta``: the weight tensors.
+
+    The official ASAM code applies :math:`T_w = |w| + \eta` to the parameters whose
+    PyTorch name contains ``weight`` (linear and convolution weights, embedding
+    tables, normalisation scales) and :math:`T = 1` to every other one (biases,
+    and custom parameters such as positional embeddings). In JAX the same tensors
+    are recognised by the last name on their path:
+
+    - ``True`` for ``kernel``, ``embedding``, ``scale`` (Flax: ``Dense``, ``Conv``,
+      ``Embed``, ``BatchNorm``/``LayerNorm``) and ``w``, ``embeddings``, ``scale``
+      (Haiku);
+    - ``False`` for ``bias`` (Flax) and ``b``, ``offset`` (Haiku);
+    - for any other name, or a leaf with no name: ``True`` when the leaf has at
+      least two dimensions (a matrix or a convolution kernel), ``False`` otherwise.
+
+    Args:
+      params: the parameters (any pytree; names are read from dict keys and
+        attribute names, skipping Flax NNX's ``value`` wrapper).
+
+    Returns:
+      A pytree of Python booleans with the structure of ``params``, as
+      :func:`adaptive_perturbation`'s ``adaptive_mask`` takes it.
+
+    Examples:
+      >>> import jax.numpy as jnp, sam_optax
+      >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+      ...           "norm": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+      ...           "pos_embed": jnp.ones((4, 2)), "temperature": jnp.ones(())}
+      >>> sam_optax.adaptive_leaves(params)  # doctest: +NORMALIZE_WHITESPACE
+      {'dense': {'bias': False, 'kernel': True}, 'norm': {'bias': False, 'scale': True},
+       'pos_embed': True, 'temperature': False}
+
+    References:
+      Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+      Learning of Deep Neural Networks, ICML 2021, https://arxiv.org/abs/2102.11600
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not (hasattr(leaf, "shape") or _tree.is_python_number(leaf)):
+            raise ValueError(
+                f"`params` leaves must be arrays, got {leaf!r} at {jax.tree_util.keystr(path)}."
+            )
+    return jax.tree_util.tree_map_with_path(_is_weight, params)
+
+
+def adaptive_perturbation(
+    eta: float | jax.Array = 0.01,
+    *,
+    adaptive_mask: PyTree | Callable[[PyTree], PyTree] | bool | None = None,
+) -> Perturbation:
     r"""ASAM's scale-invariant perturbation.
 
     .. math::
 
-        T = |w| + \eta \text{ on weight-like leaves}, \quad T = 1 \text{ on leaves named
-        ``bias``}, \qquad e = \rho \, \frac{T^2 \odot g}{\lVert T \odot g \rVert + \epsilon}
+        T = |w| + \eta \text{ on the leaves of } \texttt{adaptive\_mask}, \quad
+        T = 1 \text{ elsewhere}, \qquad
+        e = \rho \, \frac{T^2 \odot g}{\lVert T \odot g \rVert + \epsilon}
 
-    With ``eta = 0`` and no bias leaves this is davda54/sam's ``adaptive=True``
-    (``T = |w|``); a weight that is exactly zero is then never perturbed.
+    By default ``T = |w| + eta`` applies to the weight tensors and ``T = 1`` to the
+    biases and other vectors, as in the official code (see :func:`adaptive_leaves`
+    for the rule). ``adaptive_mask=True`` applies it to every leaf; with ``eta = 0``
+    that is davda54/sam's ``adaptive=True`` exactly (``T = |w|`` everywhere), and a
+    weight that is exactly zero is then never perturbed.
 
     Args:
       eta: the offset added to ``|w|`` so that zero weights are perturbed.
+      adaptive_mask: the leaves that get ``T = |w| + eta``: a pytree of booleans
+        with the structure of the params, a function of the params returning
+        one, ``True`` (every leaf) or ``None`` (:func:`adaptive_leaves`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -73,7 +142,7 @@ def adaptive_perturbation(eta: float | jax.Array = 0.01) -> Perturbation:
       >>> g = {"kernel": jnp.array([1.0, 1.0]), "bias": jnp.array([0.0])}
       >>> piece = sam_optax.adaptive_perturbation(eta=0.0)
       >>> e, _ = piece.perturb(g, piece.init(params), Context(params, 0, 2.0, 1e-12, None, {}))
-      >>> e["kernel"].tolist(), e["bias"].tolist()
+      >>> [round(float(x), 6) for x in e["kernel"]], e["bias"].tolist()
       ([2.0, 0.0], [0.0])
 
     References:
@@ -81,36 +150,49 @@ def adaptive_perturbation(eta: float | jax.Array = 0.01) -> Perturbation:
       Learning of Deep Neural Networks, ICML 2021, https://arxiv.org/abs/2102.11600
     """
     _validate.non_negative("eta", eta)
+    if adaptive_mask is not True:
+        _validate.mask(adaptive_mask, "adaptive_mask")
+
+    def resolve(params):
+        if adaptive_mask is True:
+            return [True] * len(jax.tree.leaves(params))
+        rule = adaptive_leaves if adaptive_mask is None else adaptive_mask
+        return _tree.resolve_mask(rule, params, "adaptive_mask")
+
+    def init(params):
+        resolve(params)  # an adaptive_mask that does not fit fails here, not later
+        return optax.EmptyState()
 
     def perturb(g, state, ctx):
-        paths, treedef = jax.tree_util.tree_flatten_with_path(ctx.params)
-        g_leaves = treedef.flatten_up_to(g)
+        g_leaves, treedef = jax.tree.flatten(g)
+        w_leaves = treedef.flatten_up_to(ctx.params)
         t = [
-            jnp.ones_like(x) if _is_bias(path) else jnp.abs(w.astype(x.dtype)) + eta
-            for (path, w), x in zip(paths, g_leaves, strict=True)
+            jnp.abs(w).astype(jnp.real(x).dtype) + eta if adaptive else None
+            for w, x, adaptive in zip(w_leaves, g_leaves, resolve(ctx.params), strict=True)
         ]
-        # T g and T² g overflow float32 once |w| and |g| near 1e19; e does not depend
-        # on the scale c of g (eps aside), so it is built from g / c, and T² g as
-        # T (T g / ‖T g‖) so that no intermediate exceeds T.
-        c = _tree.max_abs(g_leaves)
-        c = jnp.where(c > 0, c, jnp.ones_like(c))
-        tg = [ti * (x / c) for ti, x in zip(t, g_leaves, strict=True)]
-        scale = ctx.rho / (_tree.global_norm(tg) + ctx.eps / c)
-        e = [ti * (scale * x) for ti, x in zip(t, tg, strict=True)]
+        # T g and T² g overflow float32 once |w| and |g| near 1e19; e does not depend on
+        # the scale of g (eps aside), so it is built from u = g / ‖g‖, and T² g as
+        # T (T u / ‖T u‖), so that no intermediate exceeds T.
+        norm_g = _tree.global_norm(g_leaves)
+        u = _tree.scale_tree(g_leaves, _tree.inverse(norm_g))
+        tu = [x if ti is None else ti * x for ti, x in zip(t, u, strict=True)]
+        safe = jnp.where(norm_g > 0, norm_g, 1.0)
+        scale = ctx.rho / (_tree.global_norm(tu) + ctx.eps / safe)
+        e = [scale * x if ti is None else ti * (scale * x) for ti, x in zip(t, tu, strict=True)]
         return treedef.unflatten(e), state
 
-    return Perturbation(empty_init, perturb)
+    return Perturbation(init, perturb)
 
 
 def fisher_perturbation(eta: float | jax.Array = 1.0) -> Perturbation:
-    r"""Fisher SAM's perturbation with the diagonal Fisher proxy ``F = 1 + eta g²``.
+    r"""Fisher SAM's perturbation with the diagonal Fisher proxy ``F = 1 + eta |g|²``.
 
     Maximises :math:`e^\top g` subject to :math:`e^\top F e \le \rho^2`:
 
     .. math::
 
-        F = 1 + \eta\, g^2, \qquad
-        e = \rho \, \frac{g / F}{\sqrt{\sum g^2 / F + \epsilon}}
+        F = 1 + \eta\, |g|^2, \qquad
+        e = \rho \, \frac{g / F}{\sqrt{\sum |g|^2 / F + \epsilon}}
 
     ``eta = 0`` gives SAM's direction. ``F`` is not scale-invariant: unscale the
     gradient (loss scaling, accumulation) before it reaches the transformation.
@@ -136,7 +218,8 @@ def fisher_perturbation(eta: float | jax.Array = 1.0) -> Perturbation:
 
     def perturb(g, state, ctx):
         # sqrt(F) as hypot(1, sqrt(eta) g): F itself overflows float32 once |g| nears 1e19.
-        root_f = jax.tree.map(lambda x: jnp.hypot(1.0, jnp.sqrt(eta) * x), g)
+        # |g| (not g): F = 1 + eta |g|² is real for complex leaves too.
+        root_f = jax.tree.map(lambda x: jnp.hypot(1.0, jnp.sqrt(eta) * jnp.abs(x)), g)
         r = jax.tree.map(jnp.divide, g, root_f)  # g / sqrt(F)
         norm = _tree.global_norm(r)
         scale = ctx.rho / jnp.hypot(norm, jnp.sqrt(jnp.asarray(ctx.eps, norm.dtype)))
@@ -322,7 +405,8 @@ def stochastic_weight_perturbation(beta: float | jax.Array = 0.6, *, seed: int =
     _validate.in_range("beta", beta, 0.0, 1.0, low_open=True)
     if callable(beta):
         raise ValueError(f"`beta` must be a number in (0, 1], got the callable {beta!r}.")
-    _validate.integer("seed", seed, None, static=True)
+    # An integer array is accepted too (optax.inject_hyperparams turns the default into one).
+    _validate.integer("seed", seed, None, static=not isinstance(seed, jax.Array))
 
     def init(params):
         del params

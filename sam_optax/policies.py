@@ -151,10 +151,25 @@ def bernoulli(p: float | jax.Array | optax.Schedule = 0.5, *, seed: int = 0) -> 
 
 
 class AdaptiveState(NamedTuple):
-    """State of :func:`adaptive`: running mean and variance of ``‖g‖²`` (float32)."""
+    """State of :func:`adaptive`: running mean and variance of ``‖g‖²``, in units of ``scale``.
+
+    Attributes:
+      mu: the running mean of ``‖g‖² / scale²`` (float32).
+      var: the running variance of ``‖g‖² / scale²`` (float32).
+      scale: a power of two (float32, 1 before the first step) that keeps the
+        statistics near 1: the mean of ``‖g‖²`` is ``mu · scale²`` and its
+        variance ``var · scale⁴``, which overflow float32 for ``‖g‖`` near 1e10.
+    """
 
     mu: jax.Array
     var: jax.Array
+    scale: jax.Array
+
+
+def _power_of_two_above(x: jax.Array) -> jax.Array:
+    """The smallest power of two ``>= x`` (for ``x > 0``; 1 for ``x = 0``)."""
+    _, exponent = jnp.frexp(jnp.where(x > 0, x, 1.0))
+    return jnp.where(x > 0, jnp.ldexp(jnp.ones_like(x), exponent), 1.0)
 
 
 def adaptive(
@@ -174,7 +189,10 @@ def adaptive(
         c_t = \tfrac{t}{T} \lambda_1 + (1 - \tfrac{t}{T}) \lambda_2, \qquad
         \mathrm{probe}_t = [\, s_t \ge \mu_t + c_t \sigma_t \,]
 
-    with ``mu_0 = s_0`` and ``var_0 = 0``, so step 0 probes. ``t / T`` is clipped
+    with ``mu_0 = s_0`` and ``var_0 = 0``, so step 0 probes. The statistics are
+    stored divided by a power of two (``AdaptiveState.scale``), so they stay finite
+    for any finite gradient and the decisions do not change when every gradient is
+    multiplied by a constant. ``t / T`` is clipped
     at 1, so after ``total_steps`` the threshold stays at ``lambda1`` (a choice:
     the paper does not train past ``T``). Under ``axis_name`` the statistic is
     ``s = pmean(‖g_local‖²)``, so the decision is the same on every device. With
@@ -218,18 +236,37 @@ def adaptive(
 
     def init(params):
         del params
-        return AdaptiveState(mu=jnp.zeros([], jnp.float32), var=jnp.zeros([], jnp.float32))
+        zero = jnp.zeros([], jnp.float32)
+        return AdaptiveState(mu=zero, var=zero, scale=jnp.ones([], jnp.float32))
 
     def decide(g, state, ctx):
-        s = jnp.square(_tree.global_norm(g)).astype(jnp.float32)
+        norm = _tree.global_norm(g).astype(jnp.float32)
+        if ctx.axis_name is not None:
+            norm_max = jax.lax.pmax(norm, ctx.axis_name)
+        else:
+            norm_max = norm
+        # The statistics are kept in units of a power of two near the largest of
+        # sqrt(s), sqrt(mu) and var^(1/4): s, mu and var then stay below 1 whatever the
+        # gradient's scale, and scaling every gradient by a constant scales the unit,
+        # not the decision. Powers of two rescale without rounding.
+        first = jnp.asarray(ctx.count) == 0
+        reach = jnp.maximum(jnp.sqrt(state.mu), jnp.sqrt(jnp.sqrt(state.var))) * state.scale
+        scale = _power_of_two_above(jnp.maximum(norm_max, jnp.where(first, 0.0, reach)))
+        shrink = jnp.square(state.scale / scale)
+        s = jnp.square(norm / scale)
         if ctx.axis_name is not None:
             s = jax.lax.pmean(s, ctx.axis_name)
-        first = jnp.asarray(ctx.count) == 0
-        mu = jnp.where(first, s, delta * state.mu + (1.0 - delta) * s)
-        var = jnp.where(first, 0.0, delta * state.var + (1.0 - delta) * jnp.square(s - mu))
+        mu = jnp.where(first, s, delta * (state.mu * shrink) + (1.0 - delta) * s)
+        var = jnp.where(
+            first,
+            0.0,
+            delta * (state.var * jnp.square(shrink)) + (1.0 - delta) * jnp.square(s - mu),
+        )
         frac = jnp.minimum(jnp.asarray(ctx.count, jnp.float32) / total_steps, 1.0)
         c = frac * lambda1 + (1.0 - frac) * lambda2
         probe = s >= mu + c * jnp.sqrt(var)
-        return probe, AdaptiveState(mu=mu.astype(jnp.float32), var=var.astype(jnp.float32))
+        return probe, AdaptiveState(
+            mu=mu.astype(jnp.float32), var=var.astype(jnp.float32), scale=scale
+        )
 
     return Policy(init, decide)

@@ -81,6 +81,7 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
       Du et al., Efficient Sharpness-aware Minimization for Improved Training of
       Neural Networks, ICLR 2022, https://arxiv.org/abs/2110.03141
     """
+    _validate.not_static("gamma", gamma, "in (0, 1]")
     _validate.in_range("gamma", gamma, 0.0, 1.0, low_open=True)
     if not isinstance(gamma, int | float) or isinstance(gamma, bool):
         raise ValueError(f"`gamma` must be a Python number in (0, 1], got {gamma!r}.")
@@ -105,6 +106,7 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
         rise = jax.lax.stop_gradient(l1 - l0).astype(jnp.float32)
         _, index = jax.lax.top_k(rise, _subset_size(gamma, size))
         sub = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
-        return jax.grad(lambda p: jnp.mean(loss_fn(p, sub)))(w_p)
+        # allow_int: integer leaves of the params get float0 cotangents, passed through.
+        return jax.grad(lambda p: jnp.mean(loss_fn(p, sub)), allow_int=True)(w_p)
 
     return probe

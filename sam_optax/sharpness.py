@@ -84,10 +84,10 @@ def hessian_top_eigenvalue(
     def body(_, carry):
         v, _lam = carry
         hv = _hvp(loss_fn, params, v)
-        lam = _tree.vdot(v, hv)
+        lam = _tree.real_vdot(v, hv)
         return _scale(hv, 1.0 / (_tree.global_norm(hv) + 1e-12)), lam
 
-    zero = jnp.zeros([], jax.eval_shape(_tree.vdot, v, v).dtype)  # float64 under x64
+    zero = jnp.zeros([], jax.eval_shape(_tree.real_vdot, v, v).dtype)  # float64 under x64
     _, lam = jax.lax.fori_loop(0, num_iters, body, (v, zero))
     return lam
 
@@ -137,9 +137,9 @@ def hessian_trace(
             params,
             lambda k, shape, dtype: jax.random.rademacher(k, shape, dtype),
         )
-        return total + _tree.vdot(z, _hvp(loss_fn, params, z))
+        return total + _tree.real_vdot(z, _hvp(loss_fn, params, z))
 
-    zero = jnp.zeros([], jax.eval_shape(_tree.vdot, params, params).dtype)
+    zero = jnp.zeros([], jax.eval_shape(_tree.real_vdot, params, params).dtype)
     return jax.lax.fori_loop(0, num_samples, body, zero) / num_samples
 
 

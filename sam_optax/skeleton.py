@@ -54,8 +54,69 @@ def _missing(what: str, name: str) -> ValueError:
         "the parameters and a function that returns the gradient of the SAME "
         "minibatch loss (same data, same dropout key) at any parameters:\n"
         "    grad_fn = lambda p: jax.grad(loss_fn)(p, batch)\n"
-        "    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)"
+        "    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)\n"
+        "If you did pass it, a wrapper between the call and this transformation dropped "
+        "it (optax.lookahead does): see the recipe for optax.lookahead in the guide "
+        "'Compositions' (docs/guides/compositions.md)."
     )
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _has_masked_nodes(tree: PyTree) -> bool:
+    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def _part_of_model(name: str) -> ValueError:
+    return ValueError(
+        f"sam_optax.{name} sits inside optax.masked, optax.multi_transform or "
+        "optax.partition, which hand it only part of the params, so `grad_fn` cannot be "
+        "evaluated at w + e. Pass the whole params as the keyword argument `full_params`; "
+        "the leaves of the other groups then keep their values in the probe and "
+        "descend along their clean gradient:\n"
+        "    tx.update(grads, opt_state, params, grad_fn=grad_fn, full_params=params)\n"
+        "Or put the method in front of the whole model with `mask=` (the leaves it does "
+        "not perturb then descend along the probe gradient, SAM-ON's rule)."
+    )
+
+
+def _fill(part: PyTree, full: PyTree) -> PyTree:
+    """``full`` with the leaves that ``part`` holds (``part`` has MaskedNode elsewhere)."""
+    return jax.tree.map(lambda p, f: f if _is_masked(p) else p, part, full, is_leaf=_is_masked)
+
+
+def _prune(full: PyTree, part: PyTree) -> PyTree:
+    """``full`` cut down to the leaves of ``part`` (MaskedNode where ``part`` has one)."""
+    return jax.tree.map(lambda p, f: p if _is_masked(p) else f, part, full, is_leaf=_is_masked)
+
+
+def check_state(state: Any, expected: Any, name: str) -> None:
+    """Raises a ``ValueError`` naming ``name`` unless ``state`` fits ``expected``.
+
+    ``expected`` is ``jax.eval_shape`` of the transformation's ``init`` on the
+    params of this update: a state from another method, or from ``init`` on
+    other params, is refused before it meets any arithmetic.
+    """
+    want, got = jax.tree.structure(expected), jax.tree.structure(state)
+    if want != got:
+        raise ValueError(
+            f"sam_optax.{name}: `state` is not this method's state: expected a "
+            f"{type(expected).__name__} of structure {want}, got a "
+            f"{type(state).__name__} of structure {got}. Pass the state that "
+            f"sam_optax.{name}'s `init` returned (inside optax.chain, the chain's own state)."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, a), b in zip(paths, jax.tree.leaves(state), strict=True):
+        shape, dtype = jnp.shape(b), jnp.result_type(b)
+        if a.shape != shape or a.dtype != dtype:
+            raise ValueError(
+                f"sam_optax.{name}: `state` leaf {jax.tree_util.keystr(path)} has shape "
+                f"{shape} and dtype {dtype} where the params of this update give "
+                f"{a.shape} and {a.dtype}: the state was initialised for other params. "
+                "Call `init` on the params that you update."
+            )
 
 
 def _check_probe(g_p: PyTree, like: PyTree, name: str) -> None:
@@ -191,25 +252,47 @@ def sharpness_aware(
                 f"sam_optax.{name}: `grad_fn` must be a function params -> grads, "
                 f"got {grad_fn!r} of type {type(grad_fn).__name__}."
             )
-        flags = _tree.resolve_mask(mask, params)
-        g = _tree.to_accum(updates)
+        full_params = extra_args.get("full_params")
+        if full_params is None and _has_masked_nodes(params):
+            raise _part_of_model(name)
+        check_state(state, jax.eval_shape(init_fn, params), name)
+        floating = _tree.floating_flags(params)
+        flags = [
+            keep and f for keep, f in zip(_tree.resolve_mask(mask, params), floating, strict=True)
+        ]
+        g = _tree.as_float(updates, params, floating)
         rho_t = rho(state.count) if callable(rho) else rho
         ctx = Context(params, state.count, rho_t, eps, axis_name, extra_args, flags)
 
         def evaluate(w_p):
+            if full_params is not None:  # inside optax.masked: probe the whole model
+                w_full = _fill(w_p, full_params)
+                if probe is None:
+                    return _prune(grad_fn(w_full), w_p)
+                return _prune(probe(w_full, ctx._replace(params=full_params)), w_p)
             return grad_fn(w_p) if probe is None else probe(w_p, ctx)
+
+        def shift(w, d, keep):
+            return (w.astype(_tree.accum_dtype(w.dtype)) + d).astype(w.dtype) if keep else w
 
         def probe_branch(in_cond):
             e, p_state = perturbation.perturb(_tree.apply_mask(g, flags), state.perturbation, ctx)
             e = _tree.apply_mask(e, flags)
-            w_p = jax.tree.map(
-                lambda w, d: (w.astype(_tree.accum_dtype(w.dtype)) + d).astype(w.dtype), params, e
+            w_leaves, treedef = jax.tree.flatten(params)
+            w_p = treedef.unflatten(
+                [
+                    shift(w, d, keep)
+                    for w, d, keep in zip(w_leaves, treedef.flatten_up_to(e), floating, strict=True)
+                ]
             )
             # In a conditional branch XLA:CPU leaves autodiff's convolutions off its
             # fast path (see _xla_cpu); the rewrite keeps a probing step as fast there.
             g_p = _xla_cpu.canonical_convolutions(evaluate)(w_p) if in_cond else evaluate(w_p)
             _check_probe(g_p, updates, name)
-            out, c_state = combine.combine(g, _tree.to_accum(g_p), state.combine, ctx)
+            # A probe gradient in another float dtype (float64 under x64 for float32
+            # params) is cast to g's dtype, so that both branches of a cond agree.
+            g_p = _tree.cast_like(_tree.as_float(g_p, params, floating), g)
+            out, c_state = combine.combine(g, g_p, state.combine, ctx)
             return out, p_state, c_state
 
         def skip_branch(_):
@@ -244,6 +327,6 @@ def sharpness_aware(
             combine=c_state,
             policy=policy_state,
         )
-        return _tree.cast_like(out, updates), new_state
+        return _tree.pass_through(out, updates, floating), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

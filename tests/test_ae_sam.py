@@ -73,8 +73,9 @@ def test_ae_sam_statistics_and_decisions_over_30_steps(calls):
     for t, (out, state, executed) in enumerate(run(tx, gs, calls)):
         probe, mu, var = want[t]
         assert executed == int(probe), t
-        np.testing.assert_allclose(float(state.policy.mu), mu, rtol=1e-5)
-        np.testing.assert_allclose(float(state.policy.var), var, rtol=1e-4, atol=1e-6)
+        scale = float(state.policy.scale)  # the statistics are stored in units of scale
+        np.testing.assert_allclose(float(state.policy.mu) * scale**2, mu, rtol=1e-5)
+        np.testing.assert_allclose(float(state.policy.var) * scale**4, var, rtol=1e-4, atol=1e-6)
         g_s, g = sam_out(gs[t])
         np.testing.assert_allclose(np.asarray(out), g_s if probe else g, rtol=1e-5, atol=1e-6)
     assert int(state.probes) == sum(decisions) and int(state.count) == STEPS
@@ -96,6 +97,20 @@ def test_ae_looksam_reuses_g_v_between_adaptive_probes(calls):
         assert executed == int(probe), t
         np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(state.combine.g_v), g_v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [sam_optax.ae_sam, sam_optax.ae_looksam])
+def test_decisions_do_not_change_when_gradients_are_scaled_by_1e10(method, calls):
+    """‖g‖⁴ overflows float32 near ‖g‖ = 1e10; the scaled statistics do not."""
+    gs = gradient_stream()
+    want = [bool(p) for p, _, _ in reference_decisions(gs)]
+    for factor in (1.0, 1e10):
+        tx = method(RHO, total_steps=STEPS, delta=DELTA)
+        got = []
+        for _, state, executed in run(tx, gs * np.float32(factor), calls):
+            got.append(bool(executed))
+            assert np.isfinite([float(state.policy.mu), float(state.policy.var)]).all()
+        assert got == want, factor
 
 
 def test_registry_needs_total_steps():

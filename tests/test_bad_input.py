@@ -13,11 +13,12 @@ import inspect
 import re
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from test_common import make_params
+from test_common import make_params, quadratic_loss
 
 import sam_optax
 from sam_optax import registry, sharpness
@@ -227,6 +228,13 @@ PIECE_CASES = [
     ),
     (lambda: sharpness.loss_landscape(jnp.sum, jnp.ones(2), key=KEY, span=0.0), "span", "0.0"),
     (lambda: sharpness.filter_normalized_direction(3, jnp.ones(2)), "key", "3"),
+    (lambda: sam_optax.adaptive_perturbation(adaptive_mask="all"), "adaptive_mask", "'all'"),
+    (
+        lambda: sam_optax.asam(adaptive_mask={"dense": True}).init(make_params()),
+        "adaptive_mask",
+        "structure",
+    ),
+    (lambda: sam_optax.adaptive_leaves({"w": "abc"}), "params", "'abc'"),
     (lambda: sam_optax.looksam_reuse(alpha=-1.0), "alpha", "-1.0"),
     (lambda: sam_optax.policies.every(0), "k", "0"),
     (lambda: sam_optax.policies.every(2.5), "k", "2.5"),
@@ -312,6 +320,7 @@ def _public_functions():
 
 # Functions whose every argument some case above gets wrong.
 AUDITED = {
+    "adaptive_leaves",
     "adaptive_perturbation",
     "fisher_perturbation",
     "sharpness_aware",
@@ -350,3 +359,86 @@ def test_every_public_function_is_audited():
     ]
     assert not missing, f"add bad-input cases for {missing} to tests/test_bad_input.py"
     assert set(_public_functions()) >= AUDITED
+
+
+def _full(name):
+    return registry.make_optimizer(name, optax.identity(), learning_rate=0.1, total_steps=100)
+
+
+def _structure(name, params):
+    """What the members of a chain (or of a wrapper's NamedTuple) receive, one by one."""
+    return tuple(jax.tree.structure(child) for child in _full(name).init(params))
+
+
+STATE_REFUSED = re.compile(r"sam_optax\.\w+: `state` is not this method's state|number of .*states")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_state_of_another_method_is_refused(name):
+    """Every method whose state has another structure is refused by name, not crashed on.
+
+    A chain of another length is refused by optax.chain itself; states of the same
+    structure (SAM's and ASAM's, say) hold the same counts and are interchangeable.
+    """
+    params = make_params()
+    grads = jax.grad(quadratic_loss)(params)
+    tx = _full(name)
+    others = [o for o in sorted(METHODS) if _structure(o, params) != _structure(name, params)]
+    assert others
+    for other in others:
+        with pytest.raises(ValueError, match=STATE_REFUSED):
+            tx.update(grads, _full(other).init(params), params, grad_fn=jax.grad(quadratic_loss))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_state_initialised_for_other_params_is_refused(name):
+    small, big = {"w": jnp.ones(1)}, {"w": jnp.ones(3)}
+    tx = _full(name)
+    grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    selection = {  # for ESAM's data selection; the other methods ignore them
+        "per_example_loss_fn": lambda p, b: jnp.sum(p["w"] ** 2) * b,
+        "batch": jnp.arange(4.0),
+    }
+    same = jax.tree.map(
+        lambda a, b: a.shape == b.shape,
+        jax.eval_shape(tx.init, small),
+        jax.eval_shape(tx.init, big),
+    )
+    if all(jax.tree.leaves(same)):  # no params-shaped state: nothing to mismatch
+        out, _ = tx.update(grad_fn(big), tx.init(small), big, grad_fn=grad_fn, **selection)
+        want, _ = tx.update(grad_fn(big), tx.init(big), big, grad_fn=grad_fn, **selection)
+        chex.assert_trees_all_equal(out, want)
+        return
+    with pytest.raises(ValueError, match=r"sam_optax\.\w+: `state` leaf .*\(1,\).*\(3,\)"):
+        tx.update(grad_fn(big), tx.init(small), big, grad_fn=grad_fn, **selection)
+
+
+# The structural hyperparameters that optax.inject_hyperparams must leave as numbers.
+STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_steps"}}
+STATIC["esam"] = {"gamma"}
+REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}
+
+
+@pytest.mark.parametrize(
+    "name", sorted({m.constructor.__name__: n for n, m in METHODS.items()}.values())
+)
+def test_inject_hyperparams_error_says_static_args(name):
+    """Each refusal names its argument and says `static_args`; with them, init works."""
+    constructor = METHODS[name].constructor
+    parameters = inspect.signature(constructor).parameters
+    kwargs = {
+        k: v
+        for k, v in REQUIRED.items()
+        if k in parameters and parameters[k].default is inspect.Parameter.empty
+    }
+    static = ()
+    for _ in range(len(parameters)):
+        tx = optax.inject_hyperparams(constructor, static_args=static)(**kwargs)
+        try:
+            tx.init(make_params())
+            break
+        except ValueError as err:
+            arg = re.search(r"static_args=\('(\w+)',\)", str(err))
+            assert arg and f"`{arg.group(1)}`" in str(err), err
+            static = (*static, arg.group(1))
+    assert set(static) == STATIC.get(name, set())

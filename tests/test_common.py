@@ -8,6 +8,7 @@ that returns the full optimizer (usually ``optax.chain(method(rho=rho, **kw), ba
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -325,3 +326,302 @@ def test_nan_in_masked_leaf_does_not_leak(name):
     updates, _ = tx.update(nan_scale(params), tx.init(params), params, grad_fn=nan_scale)
     finite = {k: v for k, v in updates.items() if k != "scale"}
     chex.assert_tree_all_finite(finite)
+
+
+# ----- Reliability under real use: integer, complex and huge leaves, dtypes, part of
+# the model. Every method of METHODS joins each test. -----
+
+REJECTS_INTEGER_LEAVES = {"wasam"}  # SWA averages every leaf: it refuses them at init
+
+
+def _float_loss(params):
+    """The quadratic over the float leaves; an integer leaf ``step`` does not enter."""
+    return quadratic_loss({k: v for k, v in params.items() if k != "step"})
+
+
+@names
+def test_integer_leaf_is_never_perturbed_and_passes_through(name):
+    params = {**make_params(), "step": jnp.asarray(7, jnp.int32)}
+    tx = METHODS[name](_rho(name), optax.identity())
+    if name in REJECTS_INTEGER_LEAVES:
+        with pytest.raises(ValueError, match=r"\['step'\] has dtype int32"):
+            tx.init(params)
+        return
+    seen = []
+
+    def grad_fn(p):
+        jax.debug.callback(lambda s: seen.append(int(s)), p["step"])
+        return jax.grad(_float_loss, allow_int=True)(p)
+
+    grads = jax.grad(_float_loss, allow_int=True)(params)
+    out, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+    assert out["step"].dtype == jax.dtypes.float0
+    jax.effects_barrier()
+    assert set(seen) <= {7}  # the integer leaf is never perturbed
+    # The float leaves get what they get when the leaf is a float that the mask excludes.
+    ref_params = {**make_params(), "step": jnp.asarray(7.0, jnp.float32)}
+    mask = {**jax.tree.map(lambda _: True, make_params()), "step": False}
+    ref = METHODS[name](_rho(name), optax.identity(), mask=mask)
+    want, _ = ref.update(
+        jax.grad(_float_loss)(ref_params),
+        ref.init(ref_params),
+        ref_params,
+        grad_fn=jax.grad(_float_loss),
+    )
+    del out["step"], want["step"]
+    chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-7)
+
+
+def test_esam_selection_with_an_integer_leaf():
+    """ESAM's data selection takes its own gradient: it allows integer leaves too."""
+
+    def per_example(p, b):
+        return (b["x"] @ p["w"] - b["y"]) ** 2
+
+    batch = {"x": jax.random.normal(jax.random.key(0), (8, 3)), "y": jnp.ones(8)}
+    tx = sam_optax.esam(rho=0.05, beta=1.0, gamma=0.5)
+    outs = []
+    for params in ({"w": jnp.full(3, 0.1)}, {"w": jnp.full(3, 0.1), "step": jnp.int32(3)}):
+        grads = jax.grad(lambda p: jnp.mean(per_example(p, batch)), allow_int=True)(params)
+        out, _ = tx.update(
+            grads, tx.init(params), params, per_example_loss_fn=per_example, batch=batch
+        )
+        outs.append(out)
+    assert outs[1]["step"].dtype == jax.dtypes.float0
+    chex.assert_trees_all_close(outs[1]["w"], outs[0]["w"], rtol=1e-6)
+
+
+@names
+def test_float64_probe_gradient_is_cast_before_any_cond(name):
+    with jax.enable_x64(True):
+        params = make_params()  # float32
+        tx = METHODS[name](_rho(name), optax.sgd(0.05))
+        grad64 = lambda p: jax.tree.map(  # noqa: E731
+            lambda x: x.astype(jnp.float64), jax.grad(quadratic_loss)(p)
+        )
+        outs = [
+            jax.jit(
+                lambda s, f=f: tx.update(jax.grad(quadratic_loss)(params), s, params, grad_fn=f)
+            )(tx.init(params))[0]
+            for f in (grad64, jax.grad(quadratic_loss))
+        ]
+    chex.assert_trees_all_equal_dtypes(outs[0], params)
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+
+
+@names
+def test_huge_finite_gradients_give_finite_updates_and_states(name):
+    """loss = 0.5e30 Σ (p - 0.1)²: gradients near 1e30, inner products near 1e60."""
+
+    def loss(p):
+        return 0.5e30 * sum(jnp.sum(jnp.square(x - 0.1)) for x in jax.tree.leaves(p))
+
+    tx = METHODS[name](_rho(name), optax.sgd(1e-31))
+    if name == "wsam_decoupled":  # its sharpness term steps with its own learning rate
+        tx = sam_optax.wsam_decoupled(optax.sgd(1e-31), 1e-31, rho=_rho(name))
+    step = jax.jit(make_step(tx, loss))
+    params, state = make_params(), tx.init(make_params())
+    for _ in range(4):  # LookSAM (k = 3) probes, reuses g_v twice, probes again
+        params, state = step(params, state)
+        chex.assert_tree_all_finite((params, state))
+    assert not jnp.allclose(params["vec"], make_params()["vec"])
+
+
+# One step on complex parameters against NumPy complex128. The loss Σ c |w - a|² has
+# JAX's gradient 2 c conj(w - a) (the conjugate of the steepest ascent); grad_fn is
+# that formula, so every method sees the same oracle as the reference.
+COMPLEX_C = {"kernel": np.array([[1.0, 2.0], [0.5, 1.5]]), "bias": np.array([3.0, 0.25])}
+COMPLEX_A = {
+    "kernel": np.array([[1 + 1j, -0.5 + 2j], [0.3 - 0.7j, 2j]]),
+    "bias": np.array([1.0, -1j]),
+}
+COMPLEX_W = {
+    "kernel": np.array([[0.5 - 1j, 2 + 0.5j], [-1 + 0j, 0.2j]]),
+    "bias": np.array([0.3j, 1.0]),
+}
+
+
+def complex_grad(p, xp=np):
+    return {k: 2.0 * COMPLEX_C[k] * xp.conj(p[k] - COMPLEX_A[k]) for k in ("kernel", "bias")}
+
+
+def _np_norm(tree):
+    return np.sqrt(sum(np.sum(np.abs(x) ** 2) for x in tree.values()))
+
+
+def _np_re_dot(a, b):
+    return sum(np.sum((np.conj(a[k]) * b[k]).real) for k in a)
+
+
+def _np_probe(e):
+    return complex_grad({k: COMPLEX_W[k] + e[k] for k in e})
+
+
+def _np_sam(g, rho):
+    n = _np_norm(g)
+    return _np_probe({k: rho * x / (n + 1e-12) for k, x in g.items()})
+
+
+def _np_asam(g, rho, eta=0.01):
+    t = {"kernel": np.abs(COMPLEX_W["kernel"]) + eta, "bias": np.ones(2)}
+    n = _np_norm({k: t[k] * g[k] for k in g})
+    return _np_probe({k: rho * t[k] ** 2 * g[k] / (n + 1e-12) for k in g})
+
+
+def _np_fisher(g, rho, eta=1.0):
+    f = {k: 1.0 + eta * np.abs(x) ** 2 for k, x in g.items()}
+    denom = np.sqrt(sum(np.sum(np.abs(g[k]) ** 2 / f[k]) for k in g) + 1e-12)
+    return _np_probe({k: rho * (g[k] / f[k]) / denom for k in g})
+
+
+def _np_gsam(g, rho, alpha=0.4):
+    g_p = _np_sam(g, rho)
+    coef = _np_re_dot(g, g_p) / (_np_norm(g_p) ** 2 + 1e-12)
+    return {k: g_p[k] - alpha * (g[k] - coef * g_p[k]) for k in g}
+
+
+def _np_wsam(g, rho, scale=1.0, alpha=9.0):
+    g_p = _np_sam(g, rho)
+    return {k: g[k] + scale * alpha * (g_p[k] - g[k]) for k in g}
+
+
+def _np_esam(g, rho, beta=0.6):
+    """Every mask ESAM may draw (one bit per leaf); the step used one of them."""
+    out = []
+    for bits in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        m = {k: b * g[k] for k, b in zip(("bias", "kernel"), bits, strict=True)}
+        n = _np_norm(m)
+        out.append(_np_probe({k: rho / beta * x / (n + 1e-12) for k, x in m.items()}))
+    return out
+
+
+COMPLEX_REFERENCES = {
+    "sam": _np_sam,
+    "asam": _np_asam,
+    "fisher_sam": _np_fisher,
+    "wasam": _np_sam,  # SWA passes the updates through
+    "gsam": _np_gsam,
+    "wsam": _np_wsam,
+    "wsam_decoupled": lambda g, rho: _np_wsam(g, rho, scale=-0.05),  # base(g) - lr α (g_p - g)
+    "vasso": _np_sam,  # the first step of VaSSO and F-SAM is SAM's
+    "friendly_sam": _np_sam,
+    "looksam": _np_sam,  # step 0 probes
+    "ae_sam": _np_sam,
+    "ae_looksam": _np_sam,
+    "esam": _np_esam,
+    "sam_every_k": _np_sam,
+    "rst": lambda g, rho: [g, _np_sam(g, rho)],  # a coin decides whether step 0 probes
+}
+
+
+@names
+def test_complex_parameters_match_numpy(name):
+    params = {k: jnp.asarray(v, jnp.complex64) for k, v in COMPLEX_W.items()}
+    grad_fn = functools.partial(complex_grad, xp=jnp)
+    tx = METHODS[name](_rho(name), optax.identity())
+    out, _ = tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
+    g = complex_grad(COMPLEX_W)
+    if name == "wsam_decoupled":  # identity base: base(g) = g, then g - lr α (g_p - g)
+        g_p = _np_sam(g, _rho(name))
+        wants = [{k: g[k] - 0.05 * 9.0 * (g_p[k] - g[k]) for k in g}]
+    else:
+        want = COMPLEX_REFERENCES[name](g, _rho(name))
+        wants = want if isinstance(want, list) else [want]
+    errors = [max(float(np.max(np.abs(np.asarray(out[k]) - w[k]))) for k in w) for w in wants]
+    assert min(errors) < 2e-5 * _np_norm(g), errors
+
+
+def test_msam_and_swa_on_complex_parameters():
+    """The registry's complete optimizers: MSAM's first step and SWA's average."""
+    params = {k: jnp.asarray(v, jnp.complex64) for k, v in COMPLEX_W.items()}
+    g = complex_grad(COMPLEX_W)
+    tx = sam_optax.msam(0.1, momentum=0.9, rho=0.3)
+    out, _ = tx.update(complex_grad(params, xp=jnp), tx.init(params), params)
+    scale = 0.3 / (_np_norm(g) + 1e-12)  # v = g, s_0 = 0, s_1 = rho / ‖v‖
+    for k in g:
+        np.testing.assert_allclose(np.asarray(out[k]), -0.1 * g[k] - scale * g[k], rtol=1e-5)
+    tx = optax.chain(optax.sgd(0.1), sam_optax.swa())
+    state = tx.init(params)
+    _, state = tx.update(complex_grad(params, xp=jnp), state, params)
+    for k in g:
+        np.testing.assert_allclose(
+            np.asarray(sam_optax.swa_params(state)[k]), COMPLEX_W[k] - 0.1 * g[k], rtol=1e-5
+        )
+
+
+@names
+def test_inside_partition_with_full_params_others_descend_along_their_clean_gradient(name):
+    """The method on the `dense` group equals the method on that sub-model alone."""
+    params, labels = make_params(), {"dense": "sam", "scale": "plain", "vec": "plain"}
+    labels["dense"] = {"kernel": "sam", "bias": "sam"}
+    tx = optax.partition(
+        {"sam": METHODS[name](_rho(name), optax.sgd(0.05)), "plain": optax.sgd(0.05)}, labels
+    )
+    grads = jax.grad(quadratic_loss)(params)
+    with pytest.raises(ValueError, match="full_params"):
+        tx.update(grads, tx.init(params), params, grad_fn=jax.grad(quadratic_loss))
+    out, _ = tx.update(
+        grads, tx.init(params), params, grad_fn=jax.grad(quadratic_loss), full_params=params
+    )
+    sub = METHODS[name](_rho(name), optax.sgd(0.05))
+
+    def sub_grad(dense):
+        return jax.grad(quadratic_loss)({**params, "dense": dense})["dense"]
+
+    want, _ = sub.update(
+        grads["dense"], sub.init(params["dense"]), params["dense"], grad_fn=sub_grad
+    )
+    chex.assert_trees_all_close(out["dense"], want, rtol=1e-6, atol=1e-7)
+    for k in ("scale", "vec"):
+        chex.assert_trees_all_close(out[k], -0.05 * grads[k], rtol=1e-6)
+
+
+def test_sharded_sam_norms_need_one_all_reduce_per_sum():
+    """FSDP-sharded params under an Explicit mesh: Blue's three sums, not one per leaf."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    local = {
+        f"layer{i}": {"kernel": jnp.arange(64.0).reshape(16, 4) / (i + 1), "bias": jnp.ones(8)}
+        for i in range(6)
+    }
+    spec = lambda x: jax.sharding.PartitionSpec("data" if x.shape[0] == 16 else None)  # noqa: E731
+    tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1))
+    step = jax.jit(make_step(tx, quadratic_loss))
+    want, _ = step(local, tx.init(local))
+    with jax.set_mesh(mesh):
+        params = jax.tree.map(
+            lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))), local
+        )
+        compiled = step.lower(params, tx.init(params)).compile()
+        got, _ = compiled(params, tx.init(params))
+        text = compiled.as_text()
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)  # summation order differs
+    reduces = [line for line in text.splitlines() if re.search(r" all-reduce(-start)?\(", line)]
+    operands = sum(
+        re.search(r"all-reduce(?:-start)?\((.*?)\)", line).group(1).count("%") for line in reduces
+    )
+    assert operands == 3, reduces
+
+
+@names
+def test_clipping_after_the_method_bounds_what_reaches_the_base_optimizer(name):
+    """docs/guides/compositions.md: clip after the method (inside the base optimizer).
+
+    Decoupled WSAM's sharpness term bypasses the base optimizer by design: the page's
+    recipe clips both gradients, which bounds it by lr α ‖g_p - g‖ <= 0.05 · 9 · 2.
+    """
+
+    def loss(p):
+        return 1e4 * sum(jnp.sum(jnp.square(x - 3.0)) for x in jax.tree.leaves(p))
+
+    clip = optax.clip_by_global_norm(1.0)
+    tx = METHODS[name](_rho(name), optax.chain(clip, optax.sgd(1.0)))
+    grad_fn, bound = jax.grad(loss), 1.0
+    if name == "wsam_decoupled":
+        grad_fn = lambda p: clip.update(jax.grad(loss)(p), clip.init(p))[0]  # noqa: E731
+        bound += 0.05 * 9.0 * 2.0
+    params = make_params()
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        params = optax.apply_updates(params, updates)
+        assert float(optax.tree.norm(updates)) <= bound * (1 + 1e-5)

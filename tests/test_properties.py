@@ -3,7 +3,7 @@
 Pytrees are nested dicts (optionally inside a tuple) of scalars, empty leaves and small
 arrays, in float32, bfloat16, float16 or float64 (with x64 enabled), whose entries
 include exact zeros and magnitudes from 1e-30 to 1e30 (capped where the dtype cannot
-hold them). ``grad_fn`` returns ``w_p - w``, the perturbation as the probe sees it, and
+hold them). ``grad_fn`` returns ``1.5 g + (w_p - w)``, as large as the gradient, and
 records ``w_p`` so that the norm each method promises can be measured in float64.
 
 The examples are derandomized, so CI sees the same ones on every run. Runs are eager:
@@ -23,6 +23,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_common import METHODS
+
+import sam_optax
 
 EPS = 1e-12  # every method's default eps; test_common builds them without one
 DTYPES = ["float32", "bfloat16", "float16", "float64"]
@@ -124,6 +126,18 @@ def _leaf_names(tree):
 names = pytest.mark.parametrize("name", sorted(METHODS))
 
 
+def _large_probe(g, w_p, w):
+    """The probe gradient ``1.5 g + e``: as large as ``g`` (to 1e30), so that inner
+    products, projections and statistics meet magnitudes near 1e60 (a probe that
+    returned ``e`` alone kept every product with ``g`` small)."""
+    return (1.5 * g.astype(jnp.float32) + (w_p - w).astype(jnp.float32)).astype(g.dtype)
+
+
+def _reuses_g_v(state):
+    is_looksam = lambda x: isinstance(x, sam_optax.LookSAMState)  # noqa: E731
+    return any(is_looksam(x) for x in jax.tree.leaves(state, is_leaf=is_looksam))
+
+
 def _edge(dtype, w, g):
     """An explicit example: one kernel and one bias leaf with the given entries."""
     tree = lambda x: {"layer0": {"kernel": np.array(x), "bias": np.array(x[:1])}}  # noqa: E731
@@ -161,15 +175,18 @@ def test_finite_structure_dtype_and_promised_norm(name, problem):
 
         def grad_fn(w_p):
             jax.debug.callback(probes.append, w_p)
-            return jax.tree.map(jnp.subtract, w_p, params)
+            return jax.tree.map(_large_probe, grads, w_p, params)
 
         tx = METHODS[name](rho, optax.identity(), mask=mask)
         state = tx.init(params)
         out, new_state = tx.update(grads, state, params, grad_fn=grad_fn)
 
         chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
-        chex.assert_tree_all_finite(out)
+        chex.assert_tree_all_finite((out, new_state))
         chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        if _reuses_g_v(new_state):  # LookSAM's next skipped step reuses the stored g_v
+            out, _ = tx.update(grads, new_state, params, grad_fn=grad_fn)
+            chex.assert_tree_all_finite(out)
         if name not in NORMS or not probes:
             return
         (w_p,) = probes

@@ -249,3 +249,85 @@ def test_huge_gradients_give_a_perturbation_of_norm_rho():
     g = {"w": jnp.array([1e30, -1e30, 2e30], jnp.float32)}
     tx.update(g, tx.init(params), params, grad_fn=grad_fn)
     assert float(jnp.linalg.norm(seen[0])) == pytest.approx(0.5, rel=1e-5)
+
+
+# ASAM's rule for T on a Flax- and Haiku-named tree: True where T = |w| + eta, written
+# out leaf by leaf from the official code's "weight" parameters (docs/methods/core.md).
+NAMED = {
+    "Dense_0": {"kernel": ((3, 2), True), "bias": ((2,), False)},
+    "BatchNorm_0": {"scale": ((2,), True), "bias": ((2,), False)},
+    "linear": {"w": ((2, 2), True), "b": ((2,), False)},
+    "layer_norm": {"scale": ((2,), True), "offset": ((2,), False)},
+    "pos_embed": ((3, 2), True),
+    "temperature": ((), False),
+}
+NAMED_LEAVES, NAMED_DEF = jax.tree.flatten(NAMED, is_leaf=lambda x: isinstance(x, tuple))
+NAMED_W = [np.random.default_rng(1).normal(size=shape) for shape, _ in NAMED_LEAVES]
+NAMED_C = [np.random.default_rng(2).normal(size=shape) for shape, _ in NAMED_LEAVES]
+
+
+def named_grad(w):
+    """The gradient of Σ (w⁴/4 + c w) per leaf."""
+    return [wi**3 + ci for wi, ci in zip(w, NAMED_C, strict=True)]
+
+
+def named_jax_grad(params):
+    return jax.grad(
+        lambda p: sum(
+            jnp.sum(w**4 / 4 + c * w)
+            for w, c in zip(NAMED_DEF.flatten_up_to(p), NAMED_C, strict=True)
+        )
+    )(params)
+
+
+def named_step(tx):
+    params = NAMED_DEF.unflatten([jnp.asarray(w, jnp.float32) for w in NAMED_W])
+    out, _ = tx.update(named_jax_grad(params), tx.init(params), params, grad_fn=named_jax_grad)
+    return [np.asarray(x, np.float64) for x in NAMED_DEF.flatten_up_to(out)]
+
+
+def np_asam_probe(rho, eta, adaptive, eps=1e-12):
+    g = named_grad(NAMED_W)
+    t = [np.abs(w) + eta if a else np.ones_like(w) for w, a in zip(NAMED_W, adaptive, strict=True)]
+    n = np_norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+    return named_grad(
+        [w + rho * ti**2 * gi / (n + eps) for w, ti, gi in zip(NAMED_W, t, g, strict=True)]
+    )
+
+
+def test_asam_default_rule_scales_weight_tensors_only():
+    rule = [adaptive for _, adaptive in NAMED_LEAVES]
+    assert jax.tree.leaves(sam_optax.adaptive_leaves(NAMED_DEF.unflatten(NAMED_W))) == rule
+    got = named_step(sam_optax.asam(rho=0.5, eta=0.01))
+    for a, b in zip(got, np_asam_probe(0.5, 0.01, rule), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    custom = NAMED_DEF.unflatten([not adaptive for adaptive in rule])  # any pytree of booleans
+    got = named_step(sam_optax.asam(rho=0.5, eta=0.01, adaptive_mask=custom))
+    for a, b in zip(got, np_asam_probe(0.5, 0.01, [not x for x in rule]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def np_davda54_adaptive_probe(rho):
+    """davda54/sam's first_step with adaptive=True, then the gradient at the new weights.
+
+    grad_norm = ‖ stack(‖|p| ⊙ p.grad‖ over parameters) ‖, scale = rho / (grad_norm + 1e-12),
+    e_w = p² ⊙ p.grad ⊙ scale on every parameter, biases included.
+    """
+    g = named_grad(NAMED_W)
+    grad_norm = np.linalg.norm(
+        [np.linalg.norm(np.abs(w) * gi) for w, gi in zip(NAMED_W, g, strict=True)]
+    )
+    scale = rho / (grad_norm + 1e-12)
+    return named_grad([w + w**2 * gi * scale for w, gi in zip(NAMED_W, g, strict=True)])
+
+
+def test_asam_all_leaves_eta_zero_is_davda54_adaptive():
+    """docs/guides/from_pytorch.md: SAM(adaptive=True, rho=2.0) is this exactly."""
+    got = named_step(sam_optax.asam(rho=2.0, eta=0.0, adaptive_mask=True))
+    for a, b in zip(got, np_davda54_adaptive_probe(2.0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    default = named_step(sam_optax.asam(rho=2.0, eta=0.0))  # biases get T = 1: not the same
+    assert not all(
+        np.allclose(a, b, rtol=1e-3)
+        for a, b in zip(default, np_davda54_adaptive_probe(2.0), strict=True)
+    )

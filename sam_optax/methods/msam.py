@@ -10,7 +10,7 @@ import optax
 
 from sam_optax import _tree, _validate
 from sam_optax._state import find_state
-from sam_optax.skeleton import ScalarOrSchedule
+from sam_optax.skeleton import ScalarOrSchedule, check_state
 
 PyTree = Any
 
@@ -109,6 +109,7 @@ def msam(
     _validate.non_negative("eps", eps)
 
     def init_fn(params):
+        _validate.floating_params("msam", params)
         return MSAMState(
             count=jnp.zeros([], jnp.int32),
             momentum=_tree.zeros_like_accum(params),
@@ -117,6 +118,7 @@ def msam(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # grad_fn and the rest: MSAM needs one gradient only.
+        check_state(state, jax.eval_shape(init_fn, updates if params is None else params), "msam")
         g = _tree.to_accum(updates)
         if not (_tree.is_python_number(weight_decay) and weight_decay == 0):
             if params is None:

@@ -91,6 +91,7 @@ def asam(
     rho: ScalarOrSchedule = 0.5,
     eta: float | jax.Array = 0.01,
     *,
+    adaptive_mask: Mask | bool = None,
     eps: float | jax.Array = 1e-12,
     mask: Mask = None,
     axis_name: str | None = None,
@@ -100,18 +101,26 @@ def asam(
 
     .. math::
 
-        T = |w| + \eta \text{ (weight-like leaves)}, \quad T = 1 \text{ (leaves named
-        ``bias``)}, \qquad e = \rho\,\frac{T^2 \odot g}{\lVert T \odot g\rVert + \epsilon},
+        T = |w| + \eta \text{ (weight tensors)}, \quad T = 1 \text{ (biases and other
+        vectors)}, \qquad e = \rho\,\frac{T^2 \odot g}{\lVert T \odot g\rVert + \epsilon},
         \qquad \mathrm{out} = \mathrm{grad\_fn}(w + e)
 
-    This is the official form (SamsungLabs/ASAM). davda54/sam's
-    ``adaptive=True`` (``T = |w|`` on every leaf) is ``eta=0`` on a model with no
-    leaf named ``bias``. ``rho`` is about ten times SAM's.
+    This is the official form (SamsungLabs/ASAM), which applies ``T = |w| + eta``
+    to the parameters that PyTorch names ``weight`` only. The weight tensors are
+    chosen by :func:`sam_optax.adaptive_leaves` (Flax ``kernel``, ``embedding``,
+    ``scale``; Haiku ``w``, ``embeddings``, ``scale``; other names when the leaf
+    has two or more dimensions) unless ``adaptive_mask`` says otherwise.
+    davda54/sam's ``adaptive=True`` (``T = |w|`` on every leaf) is exactly
+    ``asam(rho, eta=0.0, adaptive_mask=True)``. ``rho`` is about ten times SAM's.
 
     Args:
       rho: the perturbation radius (paper: 0.5 on CIFAR-10, 1.0 on CIFAR-100),
         a number or an optax schedule.
       eta: offset added to ``|w|`` (paper: 0.01).
+      adaptive_mask: the leaves that get ``T = |w| + eta`` (the others get
+        ``T = 1``): a pytree of booleans with the structure of the params, a
+        function of the params returning one, ``True`` for every leaf, or
+        ``None`` for the weight tensors (:func:`sam_optax.adaptive_leaves`).
       eps: added to the norm that is divided by.
       mask: pytree of booleans (or a function of the params): leaves to perturb.
       axis_name: mapped axis over which the output is averaged.
@@ -141,7 +150,7 @@ def asam(
       Learning of Deep Neural Networks, ICML 2021, https://arxiv.org/abs/2102.11600
     """
     return sharpness_aware(
-        adaptive_perturbation(eta),
+        adaptive_perturbation(eta, adaptive_mask=adaptive_mask),
         policy=policy,
         rho=rho,
         eps=eps,

@@ -12,7 +12,7 @@ import optax
 from sam_optax import _tree, _validate
 from sam_optax._state import find_state
 from sam_optax.methods.sam import sam
-from sam_optax.skeleton import ScalarOrSchedule
+from sam_optax.skeleton import ScalarOrSchedule, check_state
 
 PyTree = Any
 
@@ -93,6 +93,8 @@ def swa(
     _validate.dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _validate.floating_params("swa", params)
+
         def zeros(p):
             p = jnp.asarray(p)
             return jnp.zeros(p.shape, p.dtype if accumulator_dtype is None else accumulator_dtype)
@@ -110,6 +112,7 @@ def swa(
                 "sam_optax.swa: `update` needs `params`: the average is taken over the "
                 "parameters after the update, `params + updates`."
             )
+        check_state(state, jax.eval_shape(init_fn, params), "swa")
         t = state.count
         take = jnp.logical_and(t >= start_step, (t - start_step) % every == 0)
         new_params = optax.apply_updates(params, updates)

@@ -13,7 +13,12 @@ from sam_optax.combines import weighted_sharpness
 from sam_optax.methods.sam import Mask
 from sam_optax.perturbations import normalized_gradient
 from sam_optax.pieces import Policy
-from sam_optax.skeleton import ScalarOrSchedule, SharpnessAwareState, sharpness_aware
+from sam_optax.skeleton import (
+    ScalarOrSchedule,
+    SharpnessAwareState,
+    check_state,
+    sharpness_aware,
+)
 
 PyTree = Any
 
@@ -195,11 +200,15 @@ def wsam_decoupled(
         return WSAMDecoupledState(sharpness=probe.init(params), base=base.init(params))
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        g = _tree.to_accum(updates)
+        if params is not None:  # without params, the probe below says what is missing
+            check_state(state, jax.eval_shape(init_fn, params), "wsam_decoupled")
+        # Integer leaves (float0 cotangents) get no sharpness term: their update passes through.
+        floating = _tree.floating_flags(updates)
+        g = _tree.as_float(updates, updates, floating)
         direction, s_state = probe.update(g, state.sharpness, params, grad_fn=grad_fn, **extra_args)
         if axis_name is not None:
             g = jax.lax.pmean(g, axis_name)
-            updates = _tree.cast_like(g, updates)
+            updates = _tree.pass_through(g, updates, floating)
         base_updates, b_state = base.update(
             updates, state.base, params, grad_fn=grad_fn, **extra_args
         )
@@ -209,10 +218,13 @@ def wsam_decoupled(
         # base update itself, so that the base trajectory is reproduced bit for bit.
         probed = s_state.probes > state.sharpness.probes
         out = jax.tree.map(
-            lambda u, d, c: jnp.where(probed, u - lr * (d - c), u).astype(u.dtype),
+            lambda u, d, c, keep: (
+                jnp.where(probed, u - lr * (d - c), u).astype(u.dtype) if keep else u
+            ),
             base_updates,
             direction,
             g,
+            jax.tree.unflatten(jax.tree.structure(g), floating),
         )
         return out, WSAMDecoupledState(sharpness=s_state, base=b_state)
 
