@@ -76,7 +76,7 @@ def _explicit_axes(x: jax.Array) -> tuple[Any, frozenset[str]]:
         for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
         if kind == jax.sharding.AxisType.Explicit
     }
-    axes = set()
+    axes: set[str] = set()
     for entry in spec:
         axes.update(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
     axes &= explicit

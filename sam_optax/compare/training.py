@@ -177,27 +177,29 @@ class Setup:
         # The timing reuses the compiled training chunk, with the counter switched off.
         self.timing_order = batch_order(self.n_train, batch_size, self.chunk, seed=0)
         a = self.arrays
-        x_sharp, y_sharp = (
-            a["x_train"][: self.sharpness_batch],
-            a["y_train"][: self.sharpness_batch],
-        )
+        sharp = (a["x_train"][: self.sharpness_batch], a["y_train"][: self.sharpness_batch])
+
+        # The data are arguments, not constants captured by jit: XLA would fold them in.
+        @jax.jit
+        def evaluate(params, x, y):
+            logits = self.model.apply({"params": params}, x)
+            return jnp.mean(jnp.argmax(logits, -1) == y)
 
         @jax.jit
-        def evaluate(params):
-            logits = self.model.apply({"params": params}, a["x_test"])
-            return jnp.mean(jnp.argmax(logits, -1) == a["y_test"])
-
-        @jax.jit
-        def final_metrics(params):
-            loss = jnp.mean(self.xent(params, a["x_train"], a["y_train"]))
+        def final_metrics(params, x, y, x_sharp, y_sharp):
+            loss = jnp.mean(self.xent(params, x, y))
             lam = hessian_top_eigenvalue(
                 lambda p: jnp.mean(self.xent(p, x_sharp, y_sharp)), params, key=jax.random.key(0)
             )
             return loss, lam
 
-        self.evaluate: Callable[[Any], jax.Array] = evaluate  # test accuracy
-        # Training loss over the whole training set, and the top Hessian eigenvalue.
-        self.final_metrics: Callable[[Any], tuple[jax.Array, jax.Array]] = final_metrics
+        # Test accuracy; training loss over the whole training set and top Hessian eigenvalue.
+        self.evaluate: Callable[[Any], jax.Array] = lambda params: evaluate(
+            params, a["x_test"], a["y_test"]
+        )
+        self.final_metrics: Callable[[Any], tuple[jax.Array, jax.Array]] = lambda params: (
+            final_metrics(params, a["x_train"], a["y_train"], *sharp)
+        )
 
     def xent(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         """Per-example cross-entropy of the model."""
