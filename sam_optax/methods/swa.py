@@ -93,9 +93,9 @@ def swa(
     _validate.dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        def zeros(p):
+        def zeros(p):  # zeros_like: the average is sharded like the params
             p = jnp.asarray(p)
-            return jnp.zeros(p.shape, p.dtype if accumulator_dtype is None else accumulator_dtype)
+            return jnp.zeros_like(p, p.dtype if accumulator_dtype is None else accumulator_dtype)
 
         return SWAState(
             count=jnp.zeros([], jnp.int32),
