@@ -48,9 +48,13 @@ class StepProfile(NamedTuple):
       output_bytes: bytes of one device's outputs.
       alias_bytes: bytes of outputs that reuse a donated input's buffer.
       collectives: for each kind in ``COLLECTIVES``, a :class:`CollectiveStats`.
-      trace_s: seconds to trace the Python function to a jaxpr.
-      lower_s: seconds to lower the jaxpr to StableHLO.
-      compile_s: seconds for XLA to compile it.
+      trace_s: wall-clock seconds to trace the Python function to a jaxpr.
+      lower_s: wall-clock seconds to lower the jaxpr to StableHLO.
+      compile_s: wall-clock seconds for XLA to compile it.
+      trace_cpu_s: CPU seconds of this process (all its threads) while tracing;
+        on a machine shared with other work it is the steadier measure.
+      lower_cpu_s: likewise while lowering.
+      compile_cpu_s: likewise while compiling.
     """
 
     flops: float | None
@@ -62,6 +66,9 @@ class StepProfile(NamedTuple):
     trace_s: float
     lower_s: float
     compile_s: float
+    trace_cpu_s: float
+    lower_cpu_s: float
+    compile_cpu_s: float
 
 
 def _type_bytes(hlo_type: str) -> int:
@@ -131,7 +138,9 @@ def profile_step(step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step
     - ``collectives``: :func:`collectives` of the compiled (optimized, per-device)
       HLO text;
     - ``trace_s``, ``lower_s``, ``compile_s``: wall-clock seconds of
-      ``jit(...).trace(*args)``, ``.lower()`` and ``.compile()``.
+      ``jit(...).trace(*args)``, ``.lower()`` and ``.compile()``, and
+      ``trace_cpu_s``, ``lower_cpu_s``, ``compile_cpu_s``: the CPU seconds this
+      process spent in each (``time.process_time``).
 
     Args:
       step_fn: a function, wrapped here in a fresh ``jax.jit`` so that its trace
@@ -180,13 +189,17 @@ def profile_step(step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step
             return step_fn(*a, **k)
 
         jitted = jax.jit(fresh)
-    start = time.perf_counter()
+    clocks = [(time.perf_counter(), time.process_time())]
     traced = jitted.trace(*args, **kwargs)
-    traced_at = time.perf_counter()
+    clocks.append((time.perf_counter(), time.process_time()))
     lowered = traced.lower()
-    lowered_at = time.perf_counter()
+    clocks.append((time.perf_counter(), time.process_time()))
     compiled = lowered.compile()
-    compiled_at = time.perf_counter()
+    clocks.append((time.perf_counter(), time.process_time()))
+    (trace_s, trace_cpu_s), (lower_s, lower_cpu_s), (compile_s, compile_cpu_s) = (
+        (after[0] - before[0], after[1] - before[1])
+        for before, after in zip(clocks, clocks[1:], strict=False)
+    )
     costs = compiled.cost_analysis()
     if isinstance(costs, list | tuple):  # older JAX: one dict per program
         costs = costs[0] if costs else None
@@ -203,7 +216,10 @@ def profile_step(step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step
         output_bytes=size("output_size_in_bytes"),
         alias_bytes=size("alias_size_in_bytes"),
         collectives=collectives(compiled.as_text()),
-        trace_s=traced_at - start,
-        lower_s=lowered_at - traced_at,
-        compile_s=compiled_at - lowered_at,
+        trace_s=trace_s,
+        lower_s=lower_s,
+        compile_s=compile_s,
+        trace_cpu_s=trace_cpu_s,
+        lower_cpu_s=lower_cpu_s,
+        compile_cpu_s=compile_cpu_s,
     )

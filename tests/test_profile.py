@@ -35,6 +35,7 @@ def test_flops_and_bytes_of_a_matrix_product_on_one_device():
     assert profile.alias_bytes == 0
     assert profile.collectives == {kind: CollectiveStats(0, 0) for kind in COLLECTIVES}
     assert min(profile.trace_s, profile.lower_s, profile.compile_s) > 0
+    assert min(profile.trace_cpu_s, profile.lower_cpu_s, profile.compile_cpu_s) > 0
 
 
 def test_a_function_is_traced_afresh_each_time_and_a_jitted_one_keeps_its_options():
