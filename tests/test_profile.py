@@ -9,6 +9,8 @@ one instruction whose result has a known per-device shape.
 from __future__ import annotations
 
 import functools
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +111,16 @@ def test_asynchronous_pairs_and_tuples_count_once():
 def test_bad_step_fn_is_explained():
     with pytest.raises(ValueError, match="`step_fn` must be a function"):
         sam_optax.profile_step(3.0, spec((2,)))
+
+
+def test_the_guide_profiles_erm_and_sam_as_written():
+    """The Python blocks of docs/scale.md run in order on the 8 test devices."""
+    text = (Path(__file__).parents[1] / "docs" / "scale.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(compile(block, "docs/scale.md", "exec"), namespace)
+    erm, sam = namespace["erm"], namespace["sam"]
+    assert 1.95 <= sam.flops / erm.flops <= 2.05  # two forward and backward passes
+    assert sam.argument_bytes == erm.argument_bytes + 8  # SAM adds two int32 counters
+    # FSDP on 8 devices: the probe gathers the weights again.
+    assert sam.collectives["all-gather"].count > erm.collectives["all-gather"].count > 0
