@@ -198,8 +198,7 @@ def profile_step(step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step
     compiled = lowered.compile()
     clocks.append((time.perf_counter(), time.process_time()))
     (trace_s, trace_cpu_s), (lower_s, lower_cpu_s), (compile_s, compile_cpu_s) = (
-        (after[0] - before[0], after[1] - before[1])
-        for before, after in itertools.pairwise(clocks)
+        (after[0] - before[0], after[1] - before[1]) for before, after in itertools.pairwise(clocks)
     )
     costs = compiled.cost_analysis()
     if isinstance(costs, list | tuple):  # older JAX: one dict per program
