@@ -222,7 +222,8 @@ class Contender:
       label: its name in the tables.
       method: the registry name (``sgd`` for ERM).
       make: ``axis_name -> tx``; ``axis_name`` is ``None`` under ``jit``.
-      update_args: the extra arguments of ``tx.update`` from the step's inputs.
+      update_args: the extra arguments of ``tx.update`` from the step's inputs;
+        ``None`` for ``optax.contrib.sam``, whose ``grad_fn`` takes ``(params, i)``.
       local: under ``shard_map``, whether the method receives this device's
         gradient (m-sharpness) rather than the average.
     """
@@ -230,7 +231,7 @@ class Contender:
     label: str
     method: str
     make: Callable[[str | None], optax.GradientTransformation]
-    update_args: Callable[[harness.StepInputs], dict[str, Any]] = harness.library_update_args
+    update_args: Callable[[harness.StepInputs], dict[str, Any]] | None = harness.library_update_args
     local: bool = True
 
 
@@ -517,6 +518,12 @@ def notes(model: harness.Model, rows: list[Measured], n_params: int) -> str:
         f"compile {e.compile_cpu_s:.2f} s. Times are CPU seconds of the process, steadier "
         "than wall-clock time on a shared machine.",
     ]
+    if any(r.contender.method in COND_METHODS for r in rows):
+        lines.append(
+            "A method that probes inside `lax.cond` shows the FLOPs of its probing step: "
+            "XLA's cost analysis counts the more expensive branch of a conditional. On "
+            "average such a step costs 1 + (probe fraction) gradients."
+        )
     if any(r.contender.method == "esam" for r in rows):
         lines.append(
             "ESAM (gamma = 0.5) is not a two-gradient method: its selection runs a forward "
