@@ -529,7 +529,10 @@ def notes(model: harness.Model, rows: list[Measured], n_params: int) -> str:
             "ESAM (gamma = 0.5) is not a two-gradient method: its selection runs a forward "
             "pass at w + e over the whole batch before the backward pass on the kept half "
             "(the clean per-example losses come from the first pass), so its FLOPs differ "
-            "from 2x ERM by the method itself."
+            "from 2x ERM by the method itself. Under jit with the batch sharded over Auto "
+            "mesh axes (dp, fsdp) the partitioner replicates the K selected examples on "
+            "every device, so their backward pass is not split over the devices: that "
+            "excess is the library's, not the method's."
         )
     return "\n\n".join(lines)
 
