@@ -40,11 +40,13 @@ from sam_optax.perturbations import (
 )
 from sam_optax.pieces import Combine, Context, Perturbation, Policy
 from sam_optax.probes import sharpness_sensitive_data
+from sam_optax.profile import CollectiveStats, StepProfile, profile_step
 from sam_optax.skeleton import SharpnessAwareState, sharpness_aware
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollectiveStats",
     "Combine",
     "Context",
     "FriendlyState",
@@ -56,6 +58,7 @@ __all__ = [
     "Policy",
     "SWAState",
     "SharpnessAwareState",
+    "StepProfile",
     "StochasticPerturbationState",
     "VaSSOState",
     "WSAMDecoupledState",
@@ -80,6 +83,7 @@ __all__ = [
     "normalized_gradient",
     "policies",
     "probe_gradient",
+    "profile_step",
     "restore_checkpoint_state",
     "sam",
     "sharpness",

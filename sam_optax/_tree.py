@@ -205,8 +205,13 @@ def projection(a: PyTree, b: PyTree, eps: float | jax.Array) -> tuple[jax.Array,
 
 
 def zeros_like_accum(tree: PyTree) -> PyTree:
-    """Zeros with the shapes of ``tree`` and its accumulation dtypes."""
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), accum_dtype(jnp.asarray(x).dtype)), tree)
+    """Zeros with the shapes and shardings of ``tree`` and its accumulation dtypes.
+
+    ``zeros_like`` keeps each leaf's sharding, so that a state initialised from
+    sharded params is sharded like them (under an Explicit mesh the sharding is
+    part of the type, and a ``lax.cond`` needs both branches to agree on it).
+    """
+    return jax.tree.map(lambda x: jnp.zeros_like(x, accum_dtype(jnp.asarray(x).dtype)), tree)
 
 
 def is_python_number(value: Any) -> bool:

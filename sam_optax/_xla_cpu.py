@@ -13,8 +13,10 @@ conditional.
 :func:`canonical_convolutions` does the pass's rewrite at the jaxpr level: it
 traces a function and re-evaluates its jaxpr with every convolution expressed as
 a transpose, a canonical convolution and a transpose back. The arithmetic is the
-same (the transposes only relabel dimensions). The rewrite is
-staged with ``lax.platform_dependent``, so only CPU programs contain it.
+same (the transposes only relabel dimensions). The function is traced once; when
+its jaxpr holds a convolution, the rewritten copy of that jaxpr is staged with
+``lax.platform_dependent``, so only CPU programs contain it, and a function
+without convolutions is staged as it is.
 Convolutions inside nested jitted functions are rewritten too; those inside other
 higher-order primitives (``scan``, ``while``, ``remat``, custom derivatives) are
 left as they are, and so is the kernel gradient of a grouped convolution
@@ -97,20 +99,36 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) ->
     return [read(v) for v in jaxpr.outvars]
 
 
-def _rewritten(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
-    def run(*args):
-        flat, tree = jax.tree.flatten(args)
-        closed, shape = jax.make_jaxpr(
-            lambda *leaves: fn(*jax.tree.unflatten(tree, leaves)), return_shape=True
-        )(*flat)
-        outs = _evaluate(closed.jaxpr, closed.consts, flat)
-        return jax.tree.unflatten(jax.tree.structure(shape), outs)
+def _rewrites(jaxpr: jcore.Jaxpr) -> bool:
+    """Whether :func:`_evaluate` would rewrite a convolution of ``jaxpr``."""
+    return any(
+        eqn.primitive is lax.conv_general_dilated_p
+        or (_inlinable(eqn) and _rewrites(eqn.params["jaxpr"].jaxpr))
+        for eqn in jaxpr.eqns
+    )
 
-    return run
+
+def _staged(fn: Callable[..., PyTree], *args: Any) -> tuple[jcore.ClosedJaxpr, list, Any]:
+    """One trace of ``fn(*args)``, as a call of ``jax.jit(fn)``.
+
+    Returns the jaxpr of that call (one ``jit`` equation, whose own jaxpr takes the
+    values ``fn`` closes over as explicit operands), the flat arguments and the
+    output tree.
+    """
+    flat, tree = jax.tree.flatten(args)
+    closed, shape = jax.make_jaxpr(
+        lambda *leaves: jax.jit(fn)(*jax.tree.unflatten(tree, leaves)), return_shape=True
+    )(*flat)
+    return closed, flat, jax.tree.structure(shape)
 
 
 def canonical_convolutions(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
     """``fn`` with its convolutions in canonical form when lowered for CPU.
+
+    ``fn`` is traced once, as a nested ``jax.jit``. When its jaxpr holds no
+    convolution that the rewrite would change, that call is all the program
+    contains. Otherwise the CPU variant is built from the same jaxpr (no second
+    trace of ``fn``) and the two are staged with ``lax.platform_dependent``.
 
     Args:
       fn: a function of arrays (pytrees) that JAX can trace.
@@ -121,9 +139,15 @@ def canonical_convolutions(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
       nested ``jit``) has canonical dimension numbers, so XLA:CPU runs it with
       Eigen even inside a conditional branch. Other platforms get ``fn`` as is.
     """
-    rewritten = _rewritten(fn)
 
     def run(*args):
-        return lax.platform_dependent(*args, cpu=rewritten, default=fn)
+        closed, flat, out_tree = _staged(fn, *args)
+        as_is = jcore.jaxpr_as_fun(closed)  # binds the one `jit` equation: no new trace
+        if _rewrites(closed.jaxpr):
+            canonical = lambda *leaves: _evaluate(closed.jaxpr, closed.consts, leaves)  # noqa: E731
+            outs = lax.platform_dependent(*flat, cpu=canonical, default=as_is)
+        else:
+            outs = as_is(*flat)
+        return jax.tree.unflatten(out_tree, outs)
 
     return run

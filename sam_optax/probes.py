@@ -7,11 +7,13 @@ function ``(w_p, ctx) -> g_p`` that reads what it needs from ``ctx.extra_args``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from sam_optax import _validate
 from sam_optax.pieces import Context
@@ -33,6 +35,39 @@ def _need(what: str, gamma: float) -> ValueError:
 def _subset_size(gamma: float, batch_size: int) -> int:
     """``K = max(1, round(gamma * B))``, with Python's ``round`` (half to even)."""
     return max(1, round(gamma * batch_size))
+
+
+def _explicit_spec(x: jax.Array) -> P | None:
+    """The partition spec in ``x``'s type when it is sharded over Explicit mesh axes, else None."""
+    spec = jax.typeof(x).sharding.spec
+    return spec if any(axes is not None for axes in spec) else None
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """``x`` replicated when its type is sharded over Explicit mesh axes, else as it is.
+
+    ``lax.top_k`` needs its axis unsharded; under ``jax.jit`` with a batch sharded
+    over Explicit axes the per-example losses are. Gathering ``B`` scalars keeps
+    the selection over the global batch, as without sharding.
+    """
+    return x if _explicit_spec(x) is None else jax.sharding.reshard(x, P())
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[index]`` along the batch axis, sharded like ``x`` when the selection divides evenly.
+
+    Under Explicit axes the gather needs its output sharding; keeping the batch
+    axis sharded keeps the probe's backward pass spread over the devices (it is
+    replicated only when ``K`` does not divide by the number of shards).
+    """
+    spec = _explicit_spec(x)
+    if spec is None:
+        return jnp.take(x, index, axis=0)
+    sharding = jax.typeof(x).sharding
+    names = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
+    shards = math.prod(sharding.mesh.shape[name] for name in names)
+    first = spec[0] if index.shape[0] % shards == 0 else None
+    return x.at[index].get(out_sharding=P(first, *spec[1:]))
 
 
 def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], PyTree]:
@@ -104,8 +139,8 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
                     f"({size},), got shape {jnp.shape(value)}."
                 )
         rise = jax.lax.stop_gradient(l1 - l0).astype(jnp.float32)
-        _, index = jax.lax.top_k(rise, _subset_size(gamma, size))
-        sub = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
+        _, index = jax.lax.top_k(_whole(rise), _subset_size(gamma, size))
+        sub = jax.tree.map(lambda x: _take(x, index), batch)
         # allow_int: integer leaves of the params get float0 cotangents, passed through.
         return jax.grad(lambda p: jnp.mean(loss_fn(p, sub)), allow_int=True)(w_p)
 

@@ -170,14 +170,14 @@ def test_a_sharpness_aware_step_with_a_policy_keeps_its_convolutions_canonical()
 
 
 def test_a_nested_jit_with_its_own_shardings_is_kept_as_it_is():
-    from sam_optax._xla_cpu import _rewritten
-
     layout = CONVS[0]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     inner = jax.jit(conv_loss(layout), out_shardings=device)
     w, x = arrays(layout)
     grads = jax.grad(lambda w, x: inner(w, x))
-    eqns = jax.make_jaxpr(_rewritten(grads))(w, x).jaxpr.eqns
+    closed, flat, _ = _xla_cpu._staged(grads, w, x)
+    cpu_variant = jax.make_jaxpr(lambda *a: _xla_cpu._evaluate(closed.jaxpr, closed.consts, a))
+    eqns = cpu_variant(*flat).jaxpr.eqns
     kept = [e for e in eqns if e.primitive.name in ("jit", "pjit")]
     assert any(
         isinstance(s, jax.sharding.Sharding) for e in kept for s in e.params["out_shardings"]
@@ -209,3 +209,25 @@ def test_a_gpu_program_carries_no_rewrite(layout, monkeypatch):
         k: v for k, v in plain.items() if k not in wrappers
     }
     assert cpu["stablehlo.transpose"] > plain["stablehlo.transpose"]
+
+
+@pytest.mark.parametrize("with_conv", [True, False], ids=["conv", "no-conv"])
+def test_fn_is_traced_once_and_a_program_without_convolutions_is_left_alone(with_conv):
+    """The CPU variant is built from the one jaxpr of ``fn``; without a convolution
+    there is no platform selection at all, so no platform pays for the rewrite."""
+    layout = CONVS[0]
+    loss = conv_loss(layout) if with_conv else lambda w, x: jnp.sum(jnp.tanh(w * jnp.sum(x)) ** 2)
+    traces = []
+
+    def fn(w, x):
+        traces.append(1)
+        return jax.grad(loss)(w, x)
+
+    w, x = arrays(layout)
+    staged = str(jax.make_jaxpr(canonical_convolutions(fn))(w, x))
+    assert len(traces) == 1
+    assert ("platform_index" in staged) == with_conv
+    assert staged.count("conv_general_dilated") == (4 if with_conv else 0)  # 2 per variant
+    np.testing.assert_allclose(
+        jax.jit(canonical_convolutions(fn))(w, x), jax.jit(fn)(w, x), rtol=1e-6
+    )

@@ -95,9 +95,9 @@ def swa(
     def init_fn(params):
         _validate.floating_params("swa", params)
 
-        def zeros(p):
+        def zeros(p):  # zeros_like: the average is sharded like the params
             p = jnp.asarray(p)
-            return jnp.zeros(p.shape, p.dtype if accumulator_dtype is None else accumulator_dtype)
+            return jnp.zeros_like(p, p.dtype if accumulator_dtype is None else accumulator_dtype)
 
         return SWAState(
             count=jnp.zeros([], jnp.int32),
