@@ -299,6 +299,12 @@ def test_registry_rejects_unknown_names_and_arguments():
         registry.make_optimizer("sam", optax.sgd(0.1), rho=-1)
 
 
+@pytest.mark.parametrize("step_fn", [3, "step", None])
+def test_profile_step_refuses_what_is_not_a_step(step_fn):
+    with _raises("step_fn", repr(step_fn)):
+        sam_optax.profile_step(step_fn, jax.ShapeDtypeStruct((2,), jnp.float32))
+
+
 def _public_functions():
     """Every public function of sam_optax and of the public modules it lists."""
     found = {}
@@ -345,6 +351,7 @@ AUDITED = {
     "msam_eval_params",
     "m_sharpness",
     "accumulate",
+    "profile_step",  # its other arguments are whatever the step takes
 }
 
 

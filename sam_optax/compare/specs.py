@@ -90,7 +90,7 @@ def parameters(name: str) -> dict[str, Parameter]:
     Examples:
       >>> from sam_optax.compare.specs import parameters
       >>> [p.describe() for p in parameters("looksam").values()][:3]
-      ['rho=0.1 (float or schedule)', 'k=5 (int)', 'alpha=0.7 (float)']
+      ['rho=0.1 (float or schedule)', 'k=5 (int)', 'alpha=0.1 (float)']
     """
     method = registry.METHODS[name]
     found: dict[str, Parameter] = {}
