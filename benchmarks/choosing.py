@@ -13,7 +13,6 @@ that it is what this script writes).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import statistics
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from sam_optax import registry
+from sam_optax.compare import parameters
+from sam_optax.compare.specs import Parameter
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,32 +103,35 @@ def figure(data: dict[str, Any], methods: list[str], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def changed_defaults() -> list[tuple[str, Parameter]]:
+    """``(method, hyperparameter)`` for every registry default that differs from the paper's."""
+    return [
+        (name, p)
+        for name in registry.METHODS
+        for p in parameters(name).values()
+        if p.paper != p.default
+    ]
+
+
 def _changed_defaults(data: dict[str, Any], sweeps: Path) -> list[list[str]]:
-    """Rows for every registry default that differs from its constructor's (the paper's).
+    """Rows of the table of changed defaults.
 
     The paper's value is read from the sweep; the registry's from the recorded comparison.
     """
     rows = []
-    for name, method in registry.METHODS.items():
-        if method.constructor is None:
-            continue
-        signature = inspect.signature(method.constructor).parameters
-        for key, value in method.defaults.items():
-            paper = signature[key].default if key in signature else None
-            if paper is None or paper is inspect.Parameter.empty or paper == value:
-                continue
-            cells = []
-            for setting, recorded in (("clean", "mnist1d-noise0"), ("noisy", "mnist1d-noise0.4")):
-                path = sweeps / setting / f"{name}_{key}.json"
-                at_paper = "—"
-                if path.exists():
-                    for r in json.loads(path.read_text())["rows"]:
-                        if r.get("overrides") == {key: r["overrides"].get(key)} and float(
-                            r["overrides"][key]
-                        ) == float(paper):
-                            at_paper = f"{100 * r['test_acc_mean']:.1f}"
-                cells.append(f"{at_paper} / {100 * data[recorded][name]['test_acc_mean']:.1f}")
-            rows.append([f"`{name}`", key, f"{paper:g}", f"{value:g}", *cells])
+    for name, parameter in changed_defaults():
+        key, paper, value = parameter.name, parameter.paper, parameter.default
+        cells = []
+        for setting, recorded in (("clean", "mnist1d-noise0"), ("noisy", "mnist1d-noise0.4")):
+            path = sweeps / setting / f"{name}_{key}.json"
+            rows_at_paper = [
+                r
+                for r in (json.loads(path.read_text())["rows"] if path.exists() else [])
+                if list(r["overrides"]) == [key] and float(r["overrides"][key]) == float(paper)
+            ]
+            at_paper = f"{100 * rows_at_paper[0]['test_acc_mean']:.1f}" if rows_at_paper else "—"
+            cells.append(f"{at_paper} / {100 * data[recorded][name]['test_acc_mean']:.1f}")
+        rows.append([f"`{name}`", key, f"{paper:g}", f"{value:g}", *cells])
     return rows
 
 
@@ -200,14 +204,6 @@ def page(data: dict[str, Any], sweeps: Path) -> str:
                 else "."
             )
         )
-    failing = {
-        name: key
-        for name, method in registry.METHODS.items()
-        if method.constructor is not None
-        for key, value in method.defaults.items()
-        if key in inspect.signature(method.constructor).parameters
-        and inspect.signature(method.constructor).parameters[key].default != value
-    }
     lines += [
         "",
         "## What we could not reproduce",
@@ -232,7 +228,7 @@ def page(data: dict[str, Any], sweeps: Path) -> str:
         )
     lines += [
         "- Paper defaults that train worse than SGD here: "
-        + ", ".join(f"`{name}`'s {key}" for name, key in failing.items())
+        + ", ".join(f"`{name}`'s {p.name}" for name, p in changed_defaults())
         + ". The registry uses the values the sweeps support (next section); the "
         "constructors keep the papers' values.",
         f"- ESAM's paper reports 40 % extra cost over SGD; here it costs "

@@ -52,14 +52,6 @@ EVERY = 20
 ALPHAS = ("0", "0.1", "0.3", "0.7")
 
 
-def _norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def _dot(a, b) -> jax.Array:
-    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 class Experiment:
     """The comparison's data, model and base optimizer, and a training loop that reports."""
 
@@ -123,21 +115,21 @@ def sam_ratios(exp: Experiment):
     def probe(params, opt_state, idx):
         x, y = exp.a["x_train"][idx], exp.a["y_train"][idx]
         g = jax.grad(exp.loss)(params, x, y)
-        gn = _norm(g)
+        gn = optax.tree.norm(g)
 
         def probe_gradient(rho):
             return jax.grad(exp.loss)(jax.tree.map(lambda p, d: p + rho * d / gn, params, g), x, y)
 
         g_sam, g_look = probe_gradient(0.05), probe_gradient(0.1)
-        coefficient = _dot(g, g_look) / gn**2
+        coefficient = optax.tree.vdot(g, g_look) / gn**2
         orth = jax.tree.map(lambda s, d: s - coefficient * d, g_look, g)
         other = (idx + 1) % exp.a["x_train"].shape[0]  # another batch, same weights
         g_other = jax.grad(exp.loss)(params, exp.a["x_train"][other], exp.a["y_train"][other])
         return jnp.array(
             [
-                _norm(jax.tree.map(jnp.subtract, g_sam, g)) / gn,
-                _norm(orth) / gn,
-                _dot(g, g_other) / (gn * _norm(g_other)),
+                optax.tree.norm(jax.tree.map(jnp.subtract, g_sam, g)) / gn,
+                optax.tree.norm(orth) / gn,
+                optax.tree.vdot(g, g_other) / (gn * optax.tree.norm(g_other)),
             ]
         )
 
@@ -152,7 +144,9 @@ def looksam_alignment(exp: Experiment, alpha: str):
         m = optax.tree.get(opt_state, "trace")
         if m is None:  # no momentum
             return jnp.nan
-        return jnp.abs(_dot(m, g_v)) / (_norm(m) * _norm(g_v) + 1e-30)
+        return jnp.abs(optax.tree.vdot(m, g_v)) / (
+            optax.tree.norm(m) * optax.tree.norm(g_v) + 1e-30
+        )
 
     return exp.run("looksam", probe, alpha=float(alpha))
 
@@ -169,7 +163,7 @@ def esam_selection(exp: Experiment):
     def probe(params, opt_state, idx):
         x, y = exp.a["x_train"][idx], exp.a["y_train"][idx]
         g = jax.grad(exp.loss)(params, x, y)
-        w = jax.tree.map(lambda p, d: p + 0.05 * d / _norm(g), params, g)
+        w = jax.tree.map(lambda p, d: p + 0.05 * d / optax.tree.norm(g), params, g)
 
         rise = exp.per_example_loss(w, (x, y)) - exp.per_example_loss(params, (x, y))
         _, chosen = jax.lax.top_k(rise, round(gamma * idx.shape[0]))

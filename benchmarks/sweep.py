@@ -115,33 +115,42 @@ def _save(result: CompareResult, path: Path) -> None:
     print(f"saved {path}", flush=True)
 
 
-def references(
-    setting: str, out: Path, methods: Sequence[str] | None, *, seeds: int, steps: int
-) -> Path:
-    """The run of every registry method at its defaults in ``setting`` (reference lines).
-
-    For the settings of the recorded comparison it is that comparison's
-    ``results.json`` (``python benchmarks/record_compare.py --out benchmarks/compare``,
-    the same training, timed); otherwise it is run here, untimed, unless saved.
-    """
-    if out == OUT and setting in RECORDED:
-        path = RECORDED[setting]
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: run benchmarks/record_compare.py --out first")
-        return path
-    path = out / setting / "defaults.json"
+def _run(path: Path, setting: str, *, seeds: int, steps: int, **selection: Any) -> None:
+    """Trains ``selection`` (``methods``, ``sweep``) in ``setting``, untimed, unless saved."""
     if not path.exists():
-        if setting == "adamw":
-            methods = [m for m in methods or ADAMW_METHODS if m in ADAMW_METHODS]
         result = run_compare(
-            methods=None if methods is None else ["sam", *methods],
             seeds=seeds,
             steps=steps,
             progress=sys.stderr.isatty(),
             timing=False,
             **SETTINGS[setting],
+            **selection,
         )
         _save(result, path)
+
+
+def reference_path(setting: str, out: Path) -> Path:
+    """Where the run of every method at its defaults in ``setting`` is (or will be) saved.
+
+    For the settings of the recorded comparison it is that comparison's
+    ``results.json`` (``python benchmarks/record_compare.py --out benchmarks/compare``,
+    the same training, timed); otherwise a run of this script's own.
+    """
+    if out == OUT and setting in RECORDED:
+        return RECORDED[setting]
+    return out / setting / "defaults.json"
+
+
+def references(
+    setting: str, out: Path, methods: Sequence[str] | None, *, seeds: int, steps: int
+) -> Path:
+    """Runs every registry method (or ``sam`` and ``methods``) at its defaults in
+    ``setting`` (the reference lines), unless saved; not for the recorded settings."""
+    path = reference_path(setting, out)
+    if setting == "adamw":
+        methods = [m for m in methods or ADAMW_METHODS if m in ADAMW_METHODS]
+    chosen = None if methods is None else ["sam", *methods]
+    _run(path, setting, seeds=seeds, steps=steps, methods=chosen)
     return path
 
 
@@ -150,20 +159,17 @@ def run_one(setting: str, method: str, key: str, out: Path, *, seeds: int, steps
 
     The registry's default value is not run again: the reference run holds it.
     """
-    path = out / setting / f"{method}_{key}.json"
     default = float(parameters(method)[key].default)
     values = [v for v in GRIDS[method][key] if float(v) != default]
-    if not path.exists():
-        result = run_compare(
-            methods="sgd",
-            sweep=f"{method}:{key}={','.join(values)}",
-            seeds=seeds,
-            steps=steps,
-            progress=sys.stderr.isatty(),
-            timing=False,
-            **SETTINGS[setting],
-        )
-        _save(result, path)
+    sweep = f"{method}:{key}={','.join(values)}"
+    _run(
+        out / setting / f"{method}_{key}.json",
+        setting,
+        seeds=seeds,
+        steps=steps,
+        methods="sgd",
+        sweep=sweep,
+    )
 
 
 def load(path: Path) -> CompareResult:
@@ -189,8 +195,7 @@ def report(out: Path, report_path: Path, settings: Sequence[str], *, write: bool
     saved: dict[tuple[str, str], CompareResult] = {}
     for setting in settings:
         folder = out / setting
-        reference = RECORDED[setting] if out == OUT and setting in RECORDED else None
-        reference = reference or folder / "defaults.json"
+        reference = reference_path(setting, out)
         if not reference.exists():
             continue
         defaults = load(reference)

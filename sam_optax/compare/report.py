@@ -286,18 +286,11 @@ def sweep_figure(results: Sequence[CompareResult], name: str, key: str) -> Any:
     Returns:
       A matplotlib figure.
     """
-    import inspect
-
     from matplotlib.figure import Figure
-
-    from sam_optax import registry
 
     fig = Figure(figsize=(4.2 * len(results), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(results)))
-    default = parameters(name)[key].default
-    constructor = registry.METHODS[name].constructor
-    signature = inspect.signature(constructor).parameters if constructor else {}
-    paper = signature[key].default if key in signature else default
+    default, paper = parameters(name)[key].default, parameters(name)[key].paper
     for ax, result in zip(axes, results, strict=True):
         points = sorted(
             (_value(r["overrides"][key]), r)

@@ -52,12 +52,15 @@ class Parameter:
       default: the registry's default (the value used when it is not overridden).
       kind: ``"int"``, ``"float"`` or ``"bool"``.
       schedule: whether an optax schedule is accepted.
+      paper: the constructor's own default (the paper's value), or the registry's
+        for a hyperparameter the constructor does not take.
     """
 
     name: str
     default: Any
     kind: str
     schedule: bool
+    paper: Any
 
     def describe(self) -> str:
         """``name=default (kind)``, for error messages."""
@@ -103,11 +106,11 @@ def parameters(name: str) -> dict[str, Parameter]:
                 continue
             annotation = str(p.annotation)
             found[p.name] = Parameter(
-                p.name, default, _kind(default, annotation), "Schedule" in annotation
+                p.name, default, _kind(default, annotation), "Schedule" in annotation, p.default
             )
     for key, default in method.defaults.items():
         if key not in found:
-            found[key] = Parameter(key, default, _kind(default, ""), False)
+            found[key] = Parameter(key, default, _kind(default, ""), False, default)
     return found
 
 
