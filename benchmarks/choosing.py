@@ -217,9 +217,8 @@ def page(data: dict[str, Any], sweeps: Path) -> str:
                 f"±{_std(clean, m):.2f} (SGD's ±{_std(clean, 'sgd'):.2f})"
                 for m in below
             )
-            + ". The recorded sweeps, run before the overflow-safe norms changed the "
-            "rounding of every trajectory, had them above SGD; at three seeds these gaps "
-            "are within the noise, and more seeds are needed to decide these defaults."
+            + ". A gap smaller than the spread over seeds is within the noise of three "
+            "seeds; the method's page gives the measurements behind its defaults."
         )
     else:
         lines.append(

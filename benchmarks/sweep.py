@@ -53,7 +53,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # the registry's defaults. Every list holds the paper's value.
 GRIDS: dict[str, dict[str, list[str]]] = {
     "looksam": {"alpha": ["0", "0.1", "0.3", "0.5", "0.7"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
-    "ae_looksam": {"alpha": ["0", "0.1", "0.3", "0.7"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
+    "ae_looksam": {
+        "alpha": ["0", "0.05", "0.1", "0.2", "0.3", "0.7"],
+        "rho": ["0.02", "0.05", "0.1", "0.2"],
+    },
     "wsam": {"gamma": ["0.5", "0.7", "0.8", "0.9", "0.95"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
     "wsam_coupled": {
         "gamma": ["0.5", "0.6", "0.7", "0.8", "0.9"],

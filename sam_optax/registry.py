@@ -142,7 +142,9 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("sgd", None, {}, "the base optimizer alone", "1", family="base"),
         Method("sam", sam, {"rho": 0.05}, "Foret et al., ICLR 2021", "2"),
-        Method("asam", asam, {"rho": 0.5, "eta": 0.01}, "Kwon et al., ICML 2021", "2"),
+        # rho 0.2, not the paper's 0.5 (CIFAR): 0.5 ties SGD on clean MNIST-1D (6 seeds:
+        # 92.9 % against 93.0 %), 0.2 gains (93.5 %); with noisy labels 0.5 is better.
+        Method("asam", asam, {"rho": 0.2, "eta": 0.01}, "Kwon et al., ICML 2021", "2"),
         Method("fisher_sam", fisher_sam, {"rho": 0.1, "eta": 1.0}, "Kim et al., ICML 2022", "2"),
         Method(
             "gsam",
@@ -209,11 +211,13 @@ METHODS: dict[str, Method] = {
             build=_needs_total_steps(ae_sam),
             family="efficient",
         ),
-        # alpha 0.1 as LookSAM's, for the same reason (sweep: 83.4 % clean at 0.7, 93.5 %).
+        # alpha 0.2, for LookSAM's reason (sweep: 83.4 % clean at 0.7). Smaller alphas
+        # gain more with clean labels and less with noisy ones (6 seeds clean: 93.4 % at
+        # 0.2, 93.0 % at 0.1, SGD 93.0 %; 3 seeds noisy: 73.0 % at 0.3, 68.1 % at 0.1).
         Method(
             "ae_looksam",
             ae_looksam,
-            {"rho": 0.1, "alpha": 0.1, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
+            {"rho": 0.1, "alpha": 0.2, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
             "Jiang et al., ICLR 2023",
             "1 + probe fraction",
             build=_needs_total_steps(ae_looksam),

@@ -115,7 +115,10 @@ def asam(
 
     Args:
       rho: the perturbation radius (paper: 0.5 on CIFAR-10, 1.0 on CIFAR-100),
-        a number or an optax schedule.
+        a number or an optax schedule. The registry uses 0.2: on the
+        comparison's small CNN (MNIST-1D, 6 seeds) 0.5 ties SGD (92.9 % against
+        93.0 %) and 0.2 gains (93.5 %); with 40 % noisy labels (3 seeds) 0.5
+        scores 66.5 % and 0.2 64.7 % (SGD 60.5 %).
       eta: offset added to ``|w|`` (paper: 0.01).
       adaptive_mask: the leaves that get ``T = |w| + eta`` (the others get
         ``T = 1``): a pytree of booleans with the structure of the params, a
