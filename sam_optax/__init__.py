@@ -21,6 +21,16 @@ from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
 from sam_optax.methods.looksam import looksam
+from sam_optax.methods.mesa import (
+    EMAState,
+    MesaState,
+    ema_params,
+    ema_params_of,
+    ema_update,
+    mesa,
+    mesa_loss,
+    trajectory_kl,
+)
 from sam_optax.methods.msam import MSAMState, msam, msam_eval_params
 from sam_optax.methods.sam import asam, fisher_sam, sam
 from sam_optax.methods.swa import SWAState, swa, swa_params, wasam
@@ -49,11 +59,13 @@ __all__ = [
     "CollectiveStats",
     "Combine",
     "Context",
+    "EMAState",
     "FriendlyState",
     "LookSAMState",
     "MSAMState",
     "MSharpness",
     "MSharpnessState",
+    "MesaState",
     "Perturbation",
     "Policy",
     "SWAState",
@@ -68,6 +80,9 @@ __all__ = [
     "ae_looksam",
     "ae_sam",
     "asam",
+    "ema_params",
+    "ema_params_of",
+    "ema_update",
     "esam",
     "fisher_perturbation",
     "fisher_sam",
@@ -78,6 +93,8 @@ __all__ = [
     "looksam",
     "looksam_reuse",
     "m_sharpness",
+    "mesa",
+    "mesa_loss",
     "msam",
     "msam_eval_params",
     "normalized_gradient",
@@ -93,6 +110,7 @@ __all__ = [
     "surrogate_gap",
     "swa",
     "swa_params",
+    "trajectory_kl",
     "vasso",
     "vasso_perturbation",
     "wasam",

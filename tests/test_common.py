@@ -51,6 +51,9 @@ METHODS = {
     "esam": _front(sam_optax.esam, gamma=1.0),
     "sam_every_k": _front(sam_optax.sam, policy=sam_optax.policies.every(3)),
     "rst": _front(sam_optax.sam, policy=sam_optax.policies.bernoulli(0.5)),
+    # MESA's optimizer side behind SAM: its EMA passes the updates through (its KL term
+    # is part of the caller's loss, which these contracts do not involve).
+    "mesa": lambda rho, base, **kw: sam_optax.mesa(optax.chain(sam_optax.sam(rho, **kw), base)),
 }
 
 RHO = {"asam": 0.2}  # methods whose rho lives on another scale
@@ -331,7 +334,8 @@ def test_nan_in_masked_leaf_does_not_leak(name):
 # ----- Reliability under real use: integer, complex and huge leaves, dtypes, part of
 # the model. Every method of METHODS joins each test. -----
 
-REJECTS_INTEGER_LEAVES = {"wasam"}  # SWA averages every leaf: it refuses them at init
+# SWA and MESA's EMA average every leaf: they refuse integer leaves at init.
+REJECTS_INTEGER_LEAVES = {"wasam", "mesa"}
 
 
 def _float_loss(params):
@@ -511,6 +515,7 @@ COMPLEX_REFERENCES = {
     "esam": _np_esam,
     "sam_every_k": _np_sam,
     "rst": lambda g, rho: [g, _np_sam(g, rho)],  # a coin decides whether step 0 probes
+    "mesa": _np_sam,  # the EMA passes SAM's updates through
 }
 
 

@@ -34,7 +34,7 @@ ROW_FIELDS = {
 }
 
 # Public names that build transformations but are not methods: the generic skeleton.
-BUILDING_BLOCKS = {"sharpness_aware"}
+BUILDING_BLOCKS = {"sharpness_aware", "ema_params"}  # MESA's EMA, registered as `mesa`
 
 
 def _returns_transformation(obj) -> bool:

@@ -12,13 +12,17 @@ runs (a probe skipped by ``lax.cond`` adds nothing; ESAM's sub-batch adds
 
 Hooks for methods (no per-method code here): every ``update`` receives
 ``per_example_loss_fn(params, batch) -> [B]`` and ``batch = (x, y)`` as extra
-arguments, and a registry entry with ``eval_params`` is evaluated (accuracy,
-loss, sharpness) on ``eval_params(params, opt_state)``, called eagerly.
+arguments, a registry entry with ``eval_params`` is evaluated (accuracy,
+loss, sharpness) on ``eval_params(params, opt_state)``, called eagerly, and one
+with ``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added to the
+training loss (inside the differentiated loss, so its gradient comes from the
+same backward pass; the counter taps the cross-entropy only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -206,11 +210,36 @@ class Setup:
         logits = self.model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    def train_chunk(self, state: Any, x: jax.Array, y: jax.Array, order: jax.Array, counting):
-        """``lax.scan`` of training steps over the batches ``order`` (not jitted here)."""
+    def train_chunk(
+        self,
+        state: Any,
+        x: jax.Array,
+        y: jax.Array,
+        order: jax.Array,
+        counting,
+        loss_term: Callable[..., jax.Array] | None = None,
+    ):
+        """``lax.scan`` of training steps over the batches ``order`` (not jitted here).
+
+        ``loss_term`` is the method's :attr:`sam_optax.registry.Method.loss_term`.
+        """
         from sam_optax.flax import linen_step
 
         tap = self.counter.tap
+
+        def apply(params, inputs):
+            return self.model.apply({"params": params}, inputs)
+
+        def loss_fn(opt_state, batch):
+            def loss(logits):
+                labels = batch[1]
+                xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+                value = jnp.mean(tap(xent, counting))
+                if loss_term is not None:
+                    value = value + loss_term(opt_state, apply, batch[0], logits)
+                return value
+
+            return loss
 
         def per_example_loss_fn(params, batch):
             return tap(self.xent(params, *batch), counting)
@@ -219,9 +248,7 @@ class Setup:
             batch = (x[idx], y[idx])
             return linen_step(
                 state,
-                lambda logits: jnp.mean(
-                    tap(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]), counting)
-                ),
+                loss_fn(state.opt_state, batch),
                 batch[0],
                 update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
             )
@@ -254,7 +281,7 @@ def train(
     method = registry.METHODS[spec.name]
     tx = spec.build(setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps)
     a = setup.arrays
-    jitted = jax.jit(setup.train_chunk)
+    jitted = jax.jit(functools.partial(setup.train_chunk, loss_term=method.loss_term))
     counting = jnp.asarray(True)
     compiled: dict[int, Any] = {}
     compile_s = 0.0
