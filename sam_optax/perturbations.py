@@ -434,10 +434,14 @@ class FilterwiseGaussianState(NamedTuple):
 
 def _filter_scale(w: jax.Array) -> jax.Array:
     """``‖w_f‖`` per output filter (Flax: last axis) of a kernel; ``‖w‖ + 1e-16`` for a vector."""
+    if jnp.ndim(w) < 2:
+        return _tree.global_norm(w) + 1e-16
     a = jnp.abs(w).astype(_tree.accum_dtype(jnp.real(w).dtype))
-    if a.ndim >= 2:
-        return jnp.sqrt(jnp.sum(jnp.square(a), axis=tuple(range(a.ndim - 1)), keepdims=True))
-    return jnp.sqrt(jnp.sum(jnp.square(a))) + 1e-16
+    # Scaled by the filter's largest entry, so that weights near 1e19 do not overflow.
+    axes = tuple(range(a.ndim - 1))
+    top = jnp.max(a, axis=axes, keepdims=True)
+    safe = jnp.where(top > 0, top, 1.0)
+    return top * jnp.sqrt(jnp.sum(jnp.square(a / safe), axis=axes, keepdims=True))
 
 
 def filterwise_gaussian(*, seed: int = 0) -> Perturbation:

@@ -299,7 +299,9 @@ METHODS: dict[str, Method] = {
             eval_params=msam_eval_params,
             family="averaging",
         ),
-        # The official code's lagged form: the gradient at x̃ on the previous batch.
+        # The official code's lagged form: the gradient at x̃ on the previous batch. The
+        # official defaults beat SGD (MNIST-1D, 3 seeds: 93.8 % clean, 66.7 % noisy).
+        # Without `batch_like` the build falls back to the same-batch form.
         Method(
             "sampa",
             sampa,
@@ -309,7 +311,8 @@ METHODS: dict[str, Method] = {
             build=_build_sampa,
             family="parallel",
         ),
-        # Both gradients on the same batch (the official code splits the data).
+        # Both gradients on the same batch (the official code splits the data); the
+        # official CIFAR defaults (93.4 % clean, 64.5 % noisy; SGD 93.3 %, 60.5 %).
         Method(
             "rwp",
             rwp,

@@ -130,7 +130,7 @@ def sampa(
       (0.804, 0.8)
 
     Note:
-      ``pair_grad_fn((x̃, y)) -> (g_x̃, g_y)`` takes ``x̃`` on the previous batch
+      ``pair_grad_fn(x̃, y) -> (g_x̃, g_y)`` takes ``x̃`` on the previous batch
       and ``y`` on the current one (build it with :func:`sam_optax.pair_grad_fn`);
       with ``same_batch=True``, ``grad_fn(params) -> grads`` on the current batch
       is enough (or a pair oracle on ``(batch, batch)`` for the parallel form).
@@ -196,7 +196,7 @@ def sampa(
         x_tilde = moved(jax.tree.map(lambda x: scale * x, g_m), flags)
         # The trial step on G, in the dtype of the updates (its state is discarded).
         g_in = _tree.pass_through(big_g, like, floating)
-        trial, _ = base.update(g_in, state.base, params)
+        trial, _ = base.update(g_in, state.base, params, **extra_args)
         first = state.count == 0
         trial = jax.tree.map(
             lambda d, keep: jnp.where(first, jnp.zeros_like(d), d) if keep else d,
