@@ -10,6 +10,7 @@ from sam_optax import policies, sharpness
 from sam_optax.checkpoint import restore_checkpoint_state
 from sam_optax.combines import (
     LookSAMState,
+    interpolate,
     looksam_reuse,
     probe_gradient,
     surrogate_gap,
@@ -32,16 +33,21 @@ from sam_optax.methods.mesa import (
     trajectory_kl,
 )
 from sam_optax.methods.msam import MSAMState, msam, msam_eval_params
+from sam_optax.methods.rwp import rwp
 from sam_optax.methods.sam import asam, fisher_sam, sam
+from sam_optax.methods.sampa import SAMPaState, sampa
 from sam_optax.methods.swa import SWAState, swa, swa_params, wasam
 from sam_optax.methods.vasso import vasso
 from sam_optax.methods.wsam import WSAMDecoupledState, wsam, wsam_decoupled
+from sam_optax.pair import pair_grad_fn
 from sam_optax.perturbations import (
+    FilterwiseGaussianState,
     FriendlyState,
     StochasticPerturbationState,
     VaSSOState,
     adaptive_leaves,
     adaptive_perturbation,
+    filterwise_gaussian,
     fisher_perturbation,
     friendly_perturbation,
     normalized_gradient,
@@ -60,6 +66,7 @@ __all__ = [
     "Combine",
     "Context",
     "EMAState",
+    "FilterwiseGaussianState",
     "FriendlyState",
     "LookSAMState",
     "MSAMState",
@@ -68,6 +75,7 @@ __all__ = [
     "MesaState",
     "Perturbation",
     "Policy",
+    "SAMPaState",
     "SWAState",
     "SharpnessAwareState",
     "StepProfile",
@@ -84,12 +92,14 @@ __all__ = [
     "ema_params_of",
     "ema_update",
     "esam",
+    "filterwise_gaussian",
     "fisher_perturbation",
     "fisher_sam",
     "friendly_perturbation",
     "friendly_sam",
     "gsam",
     "gsam_rho_schedule",
+    "interpolate",
     "looksam",
     "looksam_reuse",
     "m_sharpness",
@@ -98,11 +108,14 @@ __all__ = [
     "msam",
     "msam_eval_params",
     "normalized_gradient",
+    "pair_grad_fn",
     "policies",
     "probe_gradient",
     "profile_step",
     "restore_checkpoint_state",
+    "rwp",
     "sam",
+    "sampa",
     "sharpness",
     "sharpness_aware",
     "sharpness_sensitive_data",

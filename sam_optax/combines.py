@@ -238,3 +238,42 @@ def looksam_reuse(
         return treedef.unflatten(out), state
 
     return Combine(init, combine, fallback)
+
+
+# ----- Random weight perturbation (RWP, m-RWP) -----
+
+
+def interpolate(lam: float | jax.Array = 0.5) -> Combine:
+    r"""RWP's combine: a convex mix of the clean and the probe gradient.
+
+    .. math::
+
+        \mathrm{out} = (1 - \lambda)\, g + \lambda\, g_p
+
+    ``lam = 1`` descends along the probe gradient alone (SAM's combine),
+    ``lam = 0`` along ``g`` (the base optimizer, exactly). On a skipped step the
+    clean gradient ``g`` is used.
+
+    Args:
+      lam: the weight of the probe gradient, in ``[0, 1]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import sam_optax
+      >>> piece = sam_optax.interpolate(0.5)
+      >>> out, _ = piece.combine(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
+      ...                        piece.init(None), None)
+      >>> out.tolist()
+      [0.5, 0.5]
+
+    References:
+      Li et al., Efficient Generalization Improvement Guided by Random Weight
+      Perturbation, arXiv 2022, https://arxiv.org/abs/2211.11489
+    """
+    _validate.in_range("lam", lam, 0.0, 1.0)
+
+    def combine(g, g_p, state, ctx):
+        del ctx
+        return jax.tree.map(lambda a, b: (1.0 - lam) * a + lam * b, g, g_p), state
+
+    return Combine(empty_init, combine, _clean_gradient)

@@ -21,7 +21,9 @@ from sam_optax.methods.gsam import gsam
 from sam_optax.methods.looksam import looksam
 from sam_optax.methods.mesa import ema_params_of, mesa, mesa_loss
 from sam_optax.methods.msam import msam, msam_eval_params
+from sam_optax.methods.rwp import rwp
 from sam_optax.methods.sam import asam, fisher_sam, sam
+from sam_optax.methods.sampa import previous_batch_oracle, sampa
 from sam_optax.methods.swa import SWAState, swa, wasam
 from sam_optax.methods.vasso import vasso
 from sam_optax.methods.wsam import wsam, wsam_decoupled
@@ -42,7 +44,8 @@ class Method:
       build: ``(constructor_kwargs, base, setup) -> tx`` for methods that are not
         simply chained in front of the base optimizer (a wrapper such as
         decoupled WSAM, or a complete optimizer such as MSAM). ``setup`` holds
-        ``learning_rate`` (a schedule) and ``total_steps``.
+        ``learning_rate`` (a schedule), ``total_steps`` and ``batch_like`` (the
+        shapes and dtypes of one batch, or ``None``).
       eval_params: ``(params, opt_state) -> params`` to evaluate, for methods
         whose evaluation weights are not the training params (SWA's average,
         MSAM's unperturbed weights); ``None``: the params themselves.
@@ -76,6 +79,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "geometry": ("geometry", "geometry.md"),
     "efficient": ("efficient", "efficient.md"),
     "averaging": ("averaging", "averaging.md"),
+    "parallel": ("two gradients at once", "parallel.md"),
 }
 
 
@@ -129,6 +133,17 @@ def _build_msam(kwargs: dict[str, Any], base: optax.GradientTransformation, setu
     if setup["learning_rate"] is None:
         raise ValueError("MSAM is a complete optimizer: it needs `learning_rate`.")
     return msam(setup["learning_rate"], **kwargs)
+
+
+def _build_sampa(kwargs: dict[str, Any], base: optax.GradientTransformation, setup: dict[str, Any]):
+    """SAMPa wraps the base optimizer. Lagged (the official code) where the batch's shapes
+    are known: a small state keeps the last batch, and the pair oracle is built from the
+    extra arguments ``per_example_loss_fn`` and ``batch``. Without ``batch_like``, or with
+    ``same_batch=True``, both gradients are taken on the current batch through ``grad_fn``.
+    """
+    if kwargs.get("same_batch") or setup["batch_like"] is None:
+        return sampa(base, **{**kwargs, "same_batch": True})
+    return previous_batch_oracle(sampa(base, **kwargs), setup["batch_like"])
 
 
 def _needs_total_steps(constructor: Callable[..., optax.GradientTransformation]) -> Callable:
@@ -321,6 +336,28 @@ METHODS: dict[str, Method] = {
             eval_params=msam_eval_params,
             family="averaging",
         ),
+        # The official code's lagged form: the gradient at x̃ on the previous batch. The
+        # official defaults beat SGD (MNIST-1D, 3 seeds: 93.8 % clean, 66.7 % noisy).
+        # Without `batch_like` the build falls back to the same-batch form.
+        Method(
+            "sampa",
+            sampa,
+            {"rho": 0.1, "lam": 0.2, "same_batch": False},
+            "Xie et al., NeurIPS 2024",
+            "2 (1 on two device groups)",
+            build=_build_sampa,
+            family="parallel",
+        ),
+        # Both gradients on the same batch (the official code splits the data); the
+        # official CIFAR defaults (93.4 % clean, 64.5 % noisy; SGD 93.3 %, 60.5 %).
+        Method(
+            "rwp",
+            rwp,
+            {"rho": 0.01, "lam": 0.5},
+            "Li et al., arXiv 2022",
+            "2 (1 on two device groups)",
+            family="parallel",
+        ),
     ]
 }
 
@@ -331,6 +368,7 @@ def make_optimizer(
     *,
     learning_rate: optax.ScalarOrSchedule | None = None,
     total_steps: int | None = None,
+    batch_like: Any = None,
     **overrides: Any,
 ) -> optax.GradientTransformation:
     """Builds the full optimizer of a registered method in front of ``base``.
@@ -341,6 +379,9 @@ def make_optimizer(
       learning_rate: the base optimizer's learning rate (number or schedule),
         for methods that need it (decoupled WSAM, MSAM).
       total_steps: the length of training, for methods that need it (AE-SAM).
+      batch_like: one batch, or its ``jax.ShapeDtypeStruct`` pytree, for methods
+        that keep the previous batch in their state (lagged SAMPa; without it,
+        SAMPa takes both gradients on the current batch).
       **overrides: hyperparameters that replace the method's defaults.
 
     Returns:
@@ -363,6 +404,10 @@ def make_optimizer(
         return optax.with_extra_args_support(base)
     kwargs = {**method.defaults, **overrides}
     if method.build is not None:
-        setup = {"learning_rate": learning_rate, "total_steps": total_steps}
+        setup = {
+            "learning_rate": learning_rate,
+            "total_steps": total_steps,
+            "batch_like": batch_like,
+        }
         return method.build(kwargs, base, setup)
     return optax.chain(method.constructor(**kwargs), base)

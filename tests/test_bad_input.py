@@ -78,6 +78,9 @@ OUT_OF_RANGE = [
     ("mesa", "start_fraction", 1.5),
     ("mesa", "end_step", 2.5),
     ("mesa", "accumulator_dtype", "nope"),
+    ("sampa", "lam", 1.5),
+    ("sampa", "lam", -0.2),
+    ("rwp", "lam", 1.5),
 ]
 
 # Masks that only the params can refute: raised by ``tx.init(params)``.
@@ -288,6 +291,44 @@ PIECE_CASES = [
     (lambda: sam_optax.m_sharpness(sam_optax.sam(), abs, m=2, batch_size=2.0), "batch_size", ""),
     (lambda: sam_optax.accumulate("f", 2), "fn", "'f'"),
     (lambda: sam_optax.accumulate(abs, 0), "micro_batch_size", "0"),
+    (lambda: sam_optax.filterwise_gaussian(seed=0.5), "seed", "0.5"),
+    (lambda: sam_optax.interpolate(lam=1.5), "lam", "1.5"),
+    (lambda: sam_optax.pair_grad_fn("f", jnp.ones(2), jnp.ones(2)), "loss_fn", "'f'"),
+    (lambda: sam_optax.pair_grad_fn(jnp.sum, jnp.ones(2), jnp.ones(3)), "batch_b", "(3,)"),
+    (lambda: sam_optax.pair_grad_fn(jnp.sum, jnp.ones(2), jnp.ones(2), mesh="m"), "mesh", "'m'"),
+    (
+        lambda: sam_optax.pair_grad_fn(jnp.sum, jnp.ones(2), jnp.ones(2), shard_map=True),
+        "shard_map",
+        "mesh",
+    ),
+    (
+        lambda: sam_optax.pair_grad_fn(
+            jnp.sum, jnp.ones(2), jnp.ones(2), mesh=jax.make_mesh((8,), ("pair",))
+        ),
+        "axis",
+        "size 8",
+    ),
+    (
+        lambda: sam_optax.pair_grad_fn(
+            jnp.sum,
+            jnp.ones(2),
+            jnp.ones(2),
+            mesh=jax.make_mesh((2, 4), ("pair", "data")),
+            data_axis="batch",
+        ),
+        "data_axis",
+        "'batch'",
+    ),
+    (
+        lambda: sam_optax.sampa(optax.sgd(0.1)).update(
+            jnp.ones(2),
+            sam_optax.sampa(optax.sgd(0.1)).init(jnp.ones(2)),
+            jnp.ones(2),
+            pair_grad_fn="pair",
+        ),
+        "pair_grad_fn",
+        "'pair'",
+    ),
     (
         lambda: sam_optax.restore_checkpoint_state(
             {"count": jnp.zeros([], jnp.int32)}, sam_optax.sam().init(make_params())
@@ -373,6 +414,9 @@ AUDITED = {
     "m_sharpness",
     "accumulate",
     "profile_step",  # its other arguments are whatever the step takes
+    "filterwise_gaussian",
+    "interpolate",
+    "pair_grad_fn",
 }
 
 

@@ -113,6 +113,18 @@ def test_grad_counter_counts_backward_passes_that_run():
     assert step._cache_size() == 1
 
 
+def test_grad_counter_counts_each_member_of_a_vmapped_pair():
+    """SAMPa's and RWP's pair oracle: two gradients in one vmapped program count 2."""
+    counter = _GradCounter(batch_size=4)
+    x = jnp.arange(4.0)
+
+    def loss(w, batch):
+        return jnp.mean(counter.tap((w * batch) ** 2, jnp.asarray(True)))
+
+    jax.jit(sam_optax.pair_grad_fn(loss, x, x + 1.0))(1.0, 2.0)
+    assert counter.take() == 2.0
+
+
 def _every_third_then_half_batch(rho=0.05):
     """Probes on every third step, then uses ESAM's hook: a gradient on half of the batch."""
 

@@ -243,10 +243,16 @@ class MethodSpec:
         *,
         learning_rate: optax.ScalarOrSchedule,
         total_steps: int,
+        batch_like: Any = None,
     ) -> optax.GradientTransformation:
         """The full optimizer, via :func:`sam_optax.registry.make_optimizer`."""
         return registry.make_optimizer(
-            self.name, base, learning_rate=learning_rate, total_steps=total_steps, **self.kwargs
+            self.name,
+            base,
+            learning_rate=learning_rate,
+            total_steps=total_steps,
+            batch_like=batch_like,
+            **self.kwargs,
         )
 
 

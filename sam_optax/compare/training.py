@@ -12,10 +12,11 @@ runs (a probe skipped by ``lax.cond`` adds nothing; ESAM's sub-batch adds
 
 Hooks for methods (no per-method code here): every ``update`` receives
 ``per_example_loss_fn(params, batch) -> [B]`` and ``batch = (x, y)`` as extra
-arguments, a registry entry with ``eval_params`` is evaluated (accuracy,
-loss, sharpness) on ``eval_params(params, opt_state)``, called eagerly, and one
-with ``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added to the
-training loss (inside the differentiated loss, so its gradient comes from the
+arguments, ``build`` gets ``batch_like`` (the shapes of one batch, for a method that
+keeps the previous batch in its state), a registry entry with ``eval_params`` is
+evaluated (accuracy, loss, sharpness) on ``eval_params(params, opt_state)``, called
+eagerly, and one with ``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added
+to the training loss (inside the differentiated loss, so its gradient comes from the
 same backward pass; the counter taps the cross-entropy only).
 """
 
@@ -126,13 +127,15 @@ class _GradCounter:
             return losses
 
         def fwd(losses, counting):
-            return losses, (losses.shape[0], counting)
+            # A zero taken from the losses: under vmap (a pair of gradients in one
+            # program) it is mapped, and the callback fires once per member.
+            return losses, (losses.shape[0], counting, jnp.sum(losses[:0]))
 
         def bwd(residuals, cotangent):
-            n, counting = residuals
+            n, counting, zero = residuals
 
             def add():
-                jax.debug.callback(self._add, n / self.batch_size)
+                jax.debug.callback(self._add, n / self.batch_size + zero)
 
             jax.lax.cond(counting, add, lambda: None)
             return cotangent, None
@@ -279,8 +282,13 @@ def train(
     from sam_optax.flax import TrainState
 
     method = registry.METHODS[spec.name]
-    tx = spec.build(setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps)
     a = setup.arrays
+    batch_like = jax.eval_shape(
+        lambda: (a["x_train"][: setup.batch_size], a["y_train"][: setup.batch_size])
+    )
+    tx = spec.build(
+        setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps, batch_like=batch_like
+    )
     jitted = jax.jit(functools.partial(setup.train_chunk, loss_term=method.loss_term))
     counting = jnp.asarray(True)
     compiled: dict[int, Any] = {}
