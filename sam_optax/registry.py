@@ -15,6 +15,7 @@ import optax
 from sam_optax import _validate, policies
 from sam_optax._state import find_state
 from sam_optax.methods.ae_sam import ae_looksam, ae_sam
+from sam_optax.methods.bsam import bsam
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
 from sam_optax.methods.gsam import gsam
@@ -41,7 +42,8 @@ class Method:
       build: ``(constructor_kwargs, base, setup) -> tx`` for methods that are not
         simply chained in front of the base optimizer (a wrapper such as
         decoupled WSAM, or a complete optimizer such as MSAM). ``setup`` holds
-        ``learning_rate`` (a schedule) and ``total_steps``.
+        ``learning_rate`` (a schedule), ``total_steps`` and ``num_data`` (the
+        size of the training set), each ``None`` when the caller does not give it.
       eval_params: ``(params, opt_state) -> params`` to evaluate, for methods
         whose evaluation weights are not the training params (SWA's average,
         MSAM's unperturbed weights); ``None``: the params themselves.
@@ -70,6 +72,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "geometry": ("geometry", "geometry.md"),
     "efficient": ("efficient", "efficient.md"),
     "averaging": ("averaging", "averaging.md"),
+    "bayesian": ("Bayesian", "bayesian.md"),
 }
 
 
@@ -111,6 +114,23 @@ def _build_msam(kwargs: dict[str, Any], base: optax.GradientTransformation, setu
     if setup["learning_rate"] is None:
         raise ValueError("MSAM is a complete optimizer: it needs `learning_rate`.")
     return msam(setup["learning_rate"], **kwargs)
+
+
+def _build_bsam(kwargs: dict[str, Any], base: optax.GradientTransformation, setup: dict[str, Any]):
+    """bSAM replaces the base optimizer: its own ``alpha``, decayed as the comparison's base.
+
+    ``alpha`` follows a cosine decay to 0 over ``total_steps`` (constant when that
+    is not given); ``num_data`` is the training set's size.
+    """
+    del base
+    if setup["num_data"] is None:
+        raise ValueError("bSAM needs `num_data`, the size of the training set (its noise scale).")
+    kwargs = dict(kwargs)
+    alpha = kwargs.pop("alpha")
+    _validate.non_negative("alpha", alpha)
+    steps = setup["total_steps"]
+    schedule = alpha if steps is None else optax.cosine_decay_schedule(alpha, steps)
+    return bsam(schedule, setup["num_data"], **kwargs)
 
 
 def _needs_total_steps(constructor: Callable[..., optax.GradientTransformation]) -> Callable:
@@ -284,6 +304,15 @@ METHODS: dict[str, Method] = {
             eval_params=msam_eval_params,
             family="averaging",
         ),
+        Method(
+            "bsam",
+            bsam,
+            {"alpha": 0.5, "rho": 0.01, "weight_decay": 0.01},
+            "Möllenhoff & Khan, ICLR 2023",
+            "2",
+            build=_build_bsam,
+            family="bayesian",
+        ),
     ]
 }
 
@@ -294,6 +323,7 @@ def make_optimizer(
     *,
     learning_rate: optax.ScalarOrSchedule | None = None,
     total_steps: int | None = None,
+    num_data: int | None = None,
     **overrides: Any,
 ) -> optax.GradientTransformation:
     """Builds the full optimizer of a registered method in front of ``base``.
@@ -304,6 +334,7 @@ def make_optimizer(
       learning_rate: the base optimizer's learning rate (number or schedule),
         for methods that need it (decoupled WSAM, MSAM).
       total_steps: the length of training, for methods that need it (AE-SAM).
+      num_data: the size of the training set, for methods that need it (bSAM).
       **overrides: hyperparameters that replace the method's defaults.
 
     Returns:
@@ -326,6 +357,6 @@ def make_optimizer(
         return optax.with_extra_args_support(base)
     kwargs = {**method.defaults, **overrides}
     if method.build is not None:
-        setup = {"learning_rate": learning_rate, "total_steps": total_steps}
+        setup = {"learning_rate": learning_rate, "total_steps": total_steps, "num_data": num_data}
         return method.build(kwargs, base, setup)
     return optax.chain(method.constructor(**kwargs), base)

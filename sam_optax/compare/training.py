@@ -252,7 +252,12 @@ def train(
     from sam_optax.flax import TrainState
 
     method = registry.METHODS[spec.name]
-    tx = spec.build(setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps)
+    tx = spec.build(
+        setup.base_tx,
+        learning_rate=setup.schedule,
+        total_steps=setup.steps,
+        num_data=setup.n_train,
+    )
     a = setup.arrays
     jitted = jax.jit(setup.train_chunk)
     counting = jnp.asarray(True)
