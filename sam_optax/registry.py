@@ -307,7 +307,7 @@ METHODS: dict[str, Method] = {
         Method(
             "bsam",
             bsam,
-            {"alpha": 0.5, "rho": 0.01, "weight_decay": 0.01},
+            {"alpha": 1.0, "rho": 0.01},
             "Möllenhoff & Khan, ICLR 2023",
             "2",
             build=_build_bsam,

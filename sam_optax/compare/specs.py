@@ -270,6 +270,7 @@ def _listing(name: str) -> str:
 def _check(spec: MethodSpec) -> MethodSpec:
     """Builds the optimizer once, so that a value the constructor rejects fails now."""
     try:
+        # Any run length and data size: the build only validates the hyperparameters.
         spec.build(optax.sgd(0.1), learning_rate=0.1, total_steps=100, num_data=1000)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{spec.label}: {err} ({_listing(spec.name)})") from None

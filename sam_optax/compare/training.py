@@ -12,8 +12,9 @@ runs (a probe skipped by ``lax.cond`` adds nothing; ESAM's sub-batch adds
 
 Hooks for methods (no per-method code here): every ``update`` receives
 ``per_example_loss_fn(params, batch) -> [B]`` and ``batch = (x, y)`` as extra
-arguments, and a registry entry with ``eval_params`` is evaluated (accuracy,
-loss, sharpness) on ``eval_params(params, opt_state)``, called eagerly.
+arguments, every optimizer is built with the training set's size (``num_data``), and
+a registry entry with ``eval_params`` is evaluated (accuracy, loss, sharpness) on
+``eval_params(params, opt_state)``, called eagerly.
 """
 
 from __future__ import annotations

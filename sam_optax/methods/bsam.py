@@ -335,8 +335,9 @@ def bsam_sample(params: PyTree, opt_state: PyTree, key: jax.Array) -> PyTree:
       The sample, with the structure and dtypes of ``params``.
 
     Raises:
-      ValueError: if ``opt_state`` holds no bSAM state (or more than one), or
-        ``key`` is not a PRNG key.
+      ValueError: if ``opt_state`` holds no bSAM state (or more than one),
+        ``key`` is not a PRNG key, or ``params`` do not have the structure of
+        the state's.
 
     Examples:
       >>> import jax, jax.numpy as jnp, sam_optax
@@ -353,4 +354,10 @@ def bsam_sample(params: PyTree, opt_state: PyTree, key: jax.Array) -> PyTree:
     """
     _validate.key("key", key)
     state = find_state(opt_state, BSAMState, "bsam_sample")
+    want, got = jax.tree.structure(state.precision), jax.tree.structure(params)
+    if want != got:
+        raise ValueError(
+            f"sam_optax.bsam_sample: `params` must have the structure of the params that the "
+            f"state was initialised for: expected {want}, got {got}."
+        )
     return _sample(params, key, state.num_data, state.precision)
