@@ -136,7 +136,7 @@ def bsam(
 
     bSAM is its own optimizer, not a transformation in front of one: it is the
     last member of a chain, and ``rho = 0`` does not give a base optimizer but
-    a noisy Adam-like method (the variational online Newton form of the paper).
+    a noisy Adam-like method.
     With ``b2 = 1``, ``s_init = 1``, ``weight_decay = 0`` and no noise
     (``num_data = inf``) it is SAM without the normalisation of :math:`e`, with
     EMA momentum: :math:`w \leftarrow w - \alpha\,
@@ -146,11 +146,14 @@ def bsam(
 
     Args:
       learning_rate: :math:`\alpha`, a number or an optax schedule of the step
-        count. It is divided by :math:`s` (about ``damping`` late in training),
-        so it sits on another scale than SGD's: the official CIFAR recipes use
-        0.5 (ResNet-18, CIFAR-10/100) and 0.25 (TinyImageNet) with a linear
-        warm-up over 5 epochs, then a cosine decay. The registry uses 0.1
-        with a cosine decay on MNIST-1D (see the docs page).
+        count. It is divided by :math:`s`, which starts at ``s_init`` and tends
+        to ``damping + weight_decay`` plus :math:`\sqrt{s}|g|` over about
+        :math:`1 / (1 - \beta_2)` steps, so it sits on another scale than SGD's:
+        the official CIFAR recipes use 0.5 (ResNet-18, CIFAR-10/100) and 0.25
+        (TinyImageNet) with a linear warm-up over 5 epochs, then a cosine
+        decay. The registry uses 1 with a cosine decay: on MNIST-1D (1000
+        steps, one seed) 0.5 underfits, 90.7 % against SGD's 93.0 %, and 1
+        gives 94.3 % (docs page *Bayesian*).
       num_data: :math:`N`, the size of the training set (the official code
         multiplies it by a factor of 4 for data augmentation on CIFAR). It
         scales the noise, :math:`1/\sqrt{N s}`; ``float('inf')`` switches the
@@ -182,7 +185,9 @@ def bsam(
       ``(updates, state, params, *, grad_fn, **extra_args)`` and **ignores
       ``updates``**: every gradient it uses is its own. Under ``jit``, the
       caller's clean backward pass is then dead code and is removed; only the
-      forward pass of a logged loss remains.
+      forward pass of a logged loss remains. It takes no ``axis_name``: under
+      ``jit`` with sharded arrays nothing is needed, and under ``pmap`` or
+      ``shard_map`` ``grad_fn`` must return the all-reduced gradient.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
