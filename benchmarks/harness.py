@@ -51,6 +51,7 @@ from sam_optax._timing import Timing  # noqa: E402
 PyTree = Any
 README = Path(__file__).resolve().parent / "README.md"
 LEARNING_RATE = 0.01
+NUM_DATA = 50_000  # bSAM's N (its noise scale); the batches are synthetic, N sets no cost
 CHUNK = 20  # steps per timed call; a multiple of every period k = 5 that is benchmarked
 CLASSES = 10
 
@@ -316,6 +317,7 @@ def _registry_maker(name: str, **overrides: Any) -> Callable[[int], optax.Gradie
             base_optimizer(),
             learning_rate=LEARNING_RATE,
             total_steps=total_steps,
+            num_data=NUM_DATA,
             **overrides,
         )
 

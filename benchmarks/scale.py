@@ -236,7 +236,7 @@ class Contender:
 
 
 def _registry(name: str, label: str | None = None, **overrides: Any) -> Contender:
-    takes_axis = name not in ("sgd", "msam")
+    takes_axis = name not in ("sgd", "msam", "bsam")
 
     def make(axis_name):
         extra = {"axis_name": axis_name} if takes_axis and axis_name else {}
@@ -245,6 +245,7 @@ def _registry(name: str, label: str | None = None, **overrides: Any) -> Contende
             harness.base_optimizer(),
             learning_rate=harness.LEARNING_RATE,
             total_steps=1000,
+            num_data=harness.NUM_DATA,
             **overrides,
             **extra,
         )

@@ -18,6 +18,7 @@ from sam_optax.combines import (
 )
 from sam_optax.distributed import MSharpness, MSharpnessState, accumulate, m_sharpness
 from sam_optax.methods.ae_sam import ae_looksam, ae_sam
+from sam_optax.methods.bsam import BSAMState, bsam, bsam_sample
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
@@ -62,6 +63,7 @@ from sam_optax.skeleton import SharpnessAwareState, sharpness_aware
 __version__ = "0.1.0"
 
 __all__ = [
+    "BSAMState",
     "CollectiveStats",
     "Combine",
     "Context",
@@ -88,6 +90,8 @@ __all__ = [
     "ae_looksam",
     "ae_sam",
     "asam",
+    "bsam",
+    "bsam_sample",
     "ema_params",
     "ema_params_of",
     "ema_update",

@@ -81,6 +81,14 @@ OUT_OF_RANGE = [
     ("sampa", "lam", 1.5),
     ("sampa", "lam", -0.2),
     ("rwp", "lam", 1.5),
+    ("bsam", "alpha", -0.5),
+    ("bsam", "b1", 1.0),
+    ("bsam", "b2", 1.5),
+    ("bsam", "weight_decay", -1e-4),
+    ("bsam", "damping", -0.1),
+    ("bsam", "s_init", 0.0),
+    ("bsam", "groups", 0),
+    ("bsam", "seed", 0.5),
 ]
 
 # Masks that only the params can refute: raised by ``tx.init(params)``.
@@ -103,7 +111,7 @@ def _accepts(fn, arg):
 def _build(name, **override):
     """The method as the registry builds it, with its defaults replaced by ``override``."""
     return registry.make_optimizer(
-        name, optax.sgd(0.1), learning_rate=0.1, total_steps=100, **override
+        name, optax.sgd(0.1), learning_rate=0.1, total_steps=100, num_data=1000, **override
     )
 
 
@@ -284,6 +292,15 @@ PIECE_CASES = [
     (lambda: sam_optax.trajectory_kl(jnp.ones((2, 3)), jnp.ones(3)), "teacher_logits", "(3,)"),
     (lambda: sam_optax.trajectory_kl(jnp.ones(3), jnp.ones(3), 0.0), "temperature", "0.0"),
     (lambda: sam_optax.mesa_loss({}, jnp.ones((1, 2)), jnp.ones((1, 2))), "opt_state", "MesaState"),
+    (lambda: sam_optax.bsam(0.1, num_data=-1), "num_data", "-1"),
+    (lambda: sam_optax.bsam(0.1, 100, damping=0.0, weight_decay=0.0), "damping", "0.0"),
+    (lambda: sam_optax.bsam_sample({}, {}, KEY), "opt_state", "BSAMState"),
+    (lambda: sam_optax.bsam_sample({}, sam_optax.bsam(0.1, 100).init({}), "k"), "key", "'k'"),
+    (
+        lambda: sam_optax.bsam_sample([1.0], sam_optax.bsam(0.1, 100).init({}), KEY),
+        "params",
+        "structure",
+    ),
     (lambda: sam_optax.m_sharpness("sam", lambda p, b: 0.0, m=2, batch_size=8), "tx", "'sam'"),
     (lambda: sam_optax.m_sharpness(sam_optax.sam(), "f", m=2, batch_size=8), "loss_fn", "'f'"),
     (lambda: sam_optax.m_sharpness(sam_optax.sam(), abs, m=0, batch_size=8), "m", "0"),
@@ -411,6 +428,7 @@ AUDITED = {
     "ema_update",
     "trajectory_kl",
     "mesa_loss",
+    "bsam_sample",
     "m_sharpness",
     "accumulate",
     "profile_step",  # its other arguments are whatever the step takes
@@ -434,7 +452,9 @@ def test_every_public_function_is_audited():
 
 
 def _full(name):
-    return registry.make_optimizer(name, optax.identity(), learning_rate=0.1, total_steps=100)
+    return registry.make_optimizer(
+        name, optax.identity(), learning_rate=0.1, total_steps=100, num_data=1000
+    )
 
 
 def _structure(name, params):
@@ -487,8 +507,9 @@ def test_state_initialised_for_other_params_is_refused(name):
 
 # The structural hyperparameters that optax.inject_hyperparams must leave as numbers.
 STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_steps"}}
-STATIC["esam"] = {"gamma"}
+STATIC.update(esam={"gamma"}, bsam={"groups"})
 REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}
+REQUIRED["num_data"] = 1000
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_every_registry_entry_builds_and_takes_the_extra_arguments():
     loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
     base = optax.sgd(0.1)
     for name in registry.METHODS:
-        tx = registry.make_optimizer(name, base, learning_rate=0.1, total_steps=10)
+        tx = registry.make_optimizer(name, base, learning_rate=0.1, total_steps=10, num_data=100)
         state = tx.init(params)
         updates, _ = tx.update(
             jax.grad(loss)(params),

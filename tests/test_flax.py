@@ -69,7 +69,9 @@ def make_tx(name):
     # through the helpers' grad_fn only, so ESAM runs with its weight perturbation alone
     # (its selection is tested in test_esam.py).
     overrides = {"gamma": 1.0} if name == "esam" else {}
-    return registry.make_optimizer(name, base, learning_rate=0.1, total_steps=STEPS, **overrides)
+    return registry.make_optimizer(
+        name, base, learning_rate=0.1, total_steps=STEPS, num_data=64, **overrides
+    )
 
 
 @pytest.mark.slow

@@ -244,6 +244,7 @@ class MethodSpec:
         learning_rate: optax.ScalarOrSchedule,
         total_steps: int,
         batch_like: Any = None,
+        num_data: int | None = None,
     ) -> optax.GradientTransformation:
         """The full optimizer, via :func:`sam_optax.registry.make_optimizer`."""
         return registry.make_optimizer(
@@ -252,6 +253,7 @@ class MethodSpec:
             learning_rate=learning_rate,
             total_steps=total_steps,
             batch_like=batch_like,
+            num_data=num_data,
             **self.kwargs,
         )
 
@@ -270,7 +272,8 @@ def _listing(name: str) -> str:
 def _check(spec: MethodSpec) -> MethodSpec:
     """Builds the optimizer once, so that a value the constructor rejects fails now."""
     try:
-        spec.build(optax.sgd(0.1), learning_rate=0.1, total_steps=100)
+        # Any run length and data size: the build only validates the hyperparameters.
+        spec.build(optax.sgd(0.1), learning_rate=0.1, total_steps=100, num_data=1000)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{spec.label}: {err} ({_listing(spec.name)})") from None
     return spec

@@ -12,12 +12,13 @@ runs (a probe skipped by ``lax.cond`` adds nothing; ESAM's sub-batch adds
 
 Hooks for methods (no per-method code here): every ``update`` receives
 ``per_example_loss_fn(params, batch) -> [B]`` and ``batch = (x, y)`` as extra
-arguments, ``build`` gets ``batch_like`` (the shapes of one batch, for a method that
-keeps the previous batch in its state), a registry entry with ``eval_params`` is
-evaluated (accuracy, loss, sharpness) on ``eval_params(params, opt_state)``, called
-eagerly, and one with ``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added
-to the training loss (inside the differentiated loss, so its gradient comes from the
-same backward pass; the counter taps the cross-entropy only).
+arguments, every optimizer is built with the training set's size (``num_data``) and
+the shapes of one batch (``batch_like``, for a method that keeps the previous batch in
+its state), a registry entry with ``eval_params`` is evaluated (accuracy, loss,
+sharpness) on ``eval_params(params, opt_state)``, called eagerly, and one with
+``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added to the training loss
+(inside the differentiated loss, so its gradient comes from the same backward pass; the
+counter taps the cross-entropy only).
 """
 
 from __future__ import annotations
@@ -287,7 +288,11 @@ def train(
         lambda: (a["x_train"][: setup.batch_size], a["y_train"][: setup.batch_size])
     )
     tx = spec.build(
-        setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps, batch_like=batch_like
+        setup.base_tx,
+        learning_rate=setup.schedule,
+        total_steps=setup.steps,
+        num_data=setup.n_train,
+        batch_like=batch_like,
     )
     jitted = jax.jit(functools.partial(setup.train_chunk, loss_term=method.loss_term))
     counting = jnp.asarray(True)
