@@ -54,6 +54,10 @@ class Method:
       recompute_batch_stats: whether BatchNorm statistics must be recomputed
         for the evaluation weights (``sam_optax.flax.recompute_batch_stats_*``).
       family: the methods page it belongs to, a key of :data:`FAMILIES`.
+      uses_gradient: ``False`` for a method that ignores its incoming gradient
+        and evaluates every gradient it uses itself (bSAM, SAMPa): the
+        comparison then runs the clean pass forward only
+        (``sam_optax.flax.linen_step(..., clean_gradient=False)``).
       loss_term: ``(opt_state, apply, x, logits) -> scalar``, a term that the
         training loop adds to the loss it differentiates (MESA's trajectory
         loss), where ``apply(params, x) -> logits`` runs the model in eval mode
@@ -71,6 +75,7 @@ class Method:
     eval_params: Callable[[Any, Any], Any] | None = None
     recompute_batch_stats: bool = False
     family: str = "core"
+    uses_gradient: bool = True
     loss_term: Callable[[Any, Callable[[Any, Any], Any], Any, Any], Any] | None = None
 
 
@@ -367,6 +372,7 @@ METHODS: dict[str, Method] = {
             "2 (1 on two device groups)",
             build=_build_sampa,
             family="parallel",
+            uses_gradient=False,
         ),
         # Both gradients on the same batch (the official code splits the data); the
         # official CIFAR defaults (93.4 % clean, 64.5 % noisy; SGD 93.3 %, 60.5 %).
@@ -393,6 +399,7 @@ METHODS: dict[str, Method] = {
             "2",
             build=_build_bsam,
             family="bayesian",
+            uses_gradient=False,
         ),
     ]
 }

@@ -167,6 +167,15 @@ def test_counts_probe_fraction_and_hooks(monkeypatch):
     assert rows["sgd"]["test_acc_mean"] > 0.5
 
 
+def test_methods_that_ignore_their_gradient_count_only_their_own():
+    """bSAM and SAMPa take two gradients of their own; the loop's clean pass is forward only."""
+    result = compare.run_compare(
+        "digits", "bsam,sampa", seeds=1, steps=6, progress=False, timing=False
+    )
+    rows = {r["method"]: r for r in result.rows}
+    assert rows["bsam"]["grads_per_step"] == 2.0 and rows["sampa"]["grads_per_step"] == 2.0
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -190,6 +190,36 @@ def test_linen_model_without_mutable_collections_and_with_aux():
     assert 0.0 <= float(acc) <= 1.0 and np.isfinite(float(loss))
 
 
+def test_linen_step_without_the_clean_gradient_runs_the_clean_pass_forward_only():
+    """bSAM ignores its incoming updates: the step is the same, with one backward pass fewer."""
+    x, y = data()
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x)
+
+    variables = Plain().init(jax.random.key(0), x)
+    state = sam_optax.flax.TrainState.create(
+        apply_fn=Plain().apply, params=variables["params"], tx=sam_optax.bsam(0.1, 64)
+    )
+
+    def step(clean_gradient):
+        return lambda s: sam_optax.flax.linen_step(
+            s, lambda out: xent(out, y), x, clean_gradient=clean_gradient
+        )
+
+    def dots(f):
+        return str(jax.make_jaxpr(f)(state)).count("dot_general")
+
+    with_clean, loss = jax.jit(step(True))(state)
+    without, loss_fwd = jax.jit(step(False))(state)
+    chex.assert_trees_all_close(without.params, with_clean.params, rtol=1e-6)
+    assert float(loss_fwd) == pytest.approx(float(loss))
+    # The clean backward pass: one dot for the kernel's gradient (x has no gradient).
+    assert dots(step(False)) == dots(step(True)) - 1
+
+
 def test_loss_fn_with_bad_aux_is_explained():
     x, y = data()
     model = NNXNet(nnx.Rngs(0, dropout=1))

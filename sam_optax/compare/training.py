@@ -222,10 +222,13 @@ class Setup:
         order: jax.Array,
         counting,
         loss_term: Callable[..., jax.Array] | None = None,
+        uses_gradient: bool = True,
     ):
         """``lax.scan`` of training steps over the batches ``order`` (not jitted here).
 
-        ``loss_term`` is the method's :attr:`sam_optax.registry.Method.loss_term`.
+        ``loss_term`` and ``uses_gradient`` are the method's
+        :attr:`sam_optax.registry.Method.loss_term` and
+        :attr:`~sam_optax.registry.Method.uses_gradient`.
         """
         from sam_optax.flax import linen_step
 
@@ -255,6 +258,7 @@ class Setup:
                 loss_fn(state.opt_state, batch),
                 batch[0],
                 update_kwargs={"per_example_loss_fn": per_example_loss_fn, "batch": batch},
+                clean_gradient=uses_gradient,
             )
 
         return jax.lax.scan(body, state, order)
@@ -294,7 +298,11 @@ def train(
         num_data=setup.n_train,
         batch_like=batch_like,
     )
-    jitted = jax.jit(functools.partial(setup.train_chunk, loss_term=method.loss_term))
+    jitted = jax.jit(
+        functools.partial(
+            setup.train_chunk, loss_term=method.loss_term, uses_gradient=method.uses_gradient
+        )
+    )
     counting = jnp.asarray(True)
     compiled: dict[int, Any] = {}
     compile_s = 0.0

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 from flax.training import train_state
@@ -127,6 +128,7 @@ def linen_step(
     rngs: Mapping[str, jax.Array] | None = None,
     has_aux: bool = False,
     update_kwargs: Mapping[str, Any] | None = None,
+    clean_gradient: bool = True,
     **apply_kwargs: Any,
 ) -> tuple[TrainState, Any]:
     r"""Takes one training step of a Linen model with any ``sam_optax`` chain.
@@ -148,6 +150,13 @@ def linen_step(
       rngs: PRNG keys for the model (e.g. ``{"dropout": key}``), used by both passes.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       update_kwargs: further keyword arguments for ``tx.update``.
+      clean_gradient: whether to differentiate the clean pass. ``False`` for an
+        optimizer that ignores its incoming updates and evaluates every gradient
+        it uses through ``grad_fn`` (:func:`sam_optax.bsam`,
+        :func:`sam_optax.sampa`): the clean pass is then forward only (the loss
+        and the model state), and ``tx`` receives zeros as the updates. Under
+        ``jit`` XLA removes an unused backward pass by itself, unless something
+        in it has a side effect, such as a host callback.
       **apply_kwargs: keyword arguments of ``apply_fn`` (e.g. ``train=True``).
 
     Returns:
@@ -187,7 +196,13 @@ def linen_step(
         loss, aux = _split_loss(loss_fn(outputs), has_aux)
         return loss, (aux, new_model_state)
 
-    (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_at, has_aux=True)(state.params)
+    if clean_gradient:
+        (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_at, has_aux=True)(
+            state.params
+        )
+    else:
+        loss, (aux, new_model_state) = loss_at(state.params)
+        grads = jax.tree.map(jnp.zeros_like, state.params)
 
     def grad_fn(p):
         return jax.grad(lambda q: loss_at(q)[0])(p)
