@@ -10,6 +10,7 @@ from sam_optax import policies, sharpness
 from sam_optax.checkpoint import restore_checkpoint_state
 from sam_optax.combines import (
     LookSAMState,
+    gradient_norm_aware,
     looksam_reuse,
     probe_gradient,
     surrogate_gap,
@@ -19,7 +20,9 @@ from sam_optax.distributed import MSharpness, MSharpnessState, accumulate, m_sha
 from sam_optax.methods.ae_sam import ae_looksam, ae_sam
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
+from sam_optax.methods.gam import gam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
+from sam_optax.methods.lookbehind import LookbehindState, lookbehind_sam
 from sam_optax.methods.looksam import looksam
 from sam_optax.methods.msam import MSAMState, msam, msam_eval_params
 from sam_optax.methods.sam import asam, fisher_sam, sam
@@ -51,6 +54,7 @@ __all__ = [
     "Context",
     "FriendlyState",
     "LookSAMState",
+    "LookbehindState",
     "MSAMState",
     "MSharpness",
     "MSharpnessState",
@@ -73,8 +77,11 @@ __all__ = [
     "fisher_sam",
     "friendly_perturbation",
     "friendly_sam",
+    "gam",
+    "gradient_norm_aware",
     "gsam",
     "gsam_rho_schedule",
+    "lookbehind_sam",
     "looksam",
     "looksam_reuse",
     "m_sharpness",

@@ -17,7 +17,9 @@ from sam_optax._state import find_state
 from sam_optax.methods.ae_sam import ae_looksam, ae_sam
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
+from sam_optax.methods.gam import gam
 from sam_optax.methods.gsam import gsam
+from sam_optax.methods.lookbehind import lookbehind_sam
 from sam_optax.methods.looksam import looksam
 from sam_optax.methods.msam import msam, msam_eval_params
 from sam_optax.methods.sam import asam, fisher_sam, sam
@@ -48,6 +50,10 @@ class Method:
       recompute_batch_stats: whether BatchNorm statistics must be recomputed
         for the evaluation weights (``sam_optax.flax.recompute_batch_stats_*``).
       family: the methods page it belongs to, a key of :data:`FAMILIES`.
+      base_steps: ``hyperparameters -> n`` for a method that steps the base
+        optimizer ``n`` times per training step (Lookbehind-SAM: ``k``); the
+        comparison then builds the base's learning-rate schedule over ``n``
+        times the training steps, so that it decays over training. ``None``: 1.
     """
 
     name: str
@@ -61,6 +67,7 @@ class Method:
     eval_params: Callable[[Any, Any], Any] | None = None
     recompute_batch_stats: bool = False
     family: str = "core"
+    base_steps: Callable[[Mapping[str, Any]], int] | None = None
 
 
 # family -> (title, docs page under docs/methods/).
@@ -70,6 +77,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "geometry": ("geometry", "geometry.md"),
     "efficient": ("efficient", "efficient.md"),
     "averaging": ("averaging", "averaging.md"),
+    "multistep": ("more probes per step", "multistep.md"),
 }
 
 
@@ -283,6 +291,26 @@ METHODS: dict[str, Method] = {
             build=_build_msam,
             eval_params=msam_eval_params,
             family="averaging",
+        ),
+        # The official code's CIFAR-10 ResNet setting (main_cifar.py).
+        Method(
+            "gam",
+            gam,
+            {"rho": 0.2, "rho_prime": 0.03, "alpha": 0.1, "beta": 0.1, "gamma": 0.05},
+            "Zhang et al., CVPR 2023",
+            "4",
+            family="multistep",
+        ),
+        # The official README's SAM setting: k 2, adaptive alpha (the constructor's None).
+        Method(
+            "lookbehind_sam",
+            lookbehind_sam,
+            {"rho": 0.05, "k": 2},
+            "Mordido et al., ICML 2024",
+            "k + 1",
+            build=lambda kw, base, setup: lookbehind_sam(base, **kw),
+            family="multistep",
+            base_steps=lambda kw: kw["k"],
         ),
     ]
 }

@@ -252,7 +252,13 @@ def train(
     from sam_optax.flax import TrainState
 
     method = registry.METHODS[spec.name]
-    tx = spec.build(setup.base_tx, learning_rate=setup.schedule, total_steps=setup.steps)
+    base_tx = setup.base_tx
+    if method.base_steps is not None:
+        # A method that steps the base optimizer n times per training step gets a
+        # learning-rate schedule n times as long, so that it decays over training.
+        n = method.base_steps({**method.defaults, **spec.kwargs})
+        base_tx, _ = setup.base.build(setup.steps * n)
+    tx = spec.build(base_tx, learning_rate=setup.schedule, total_steps=setup.steps)
     a = setup.arrays
     jitted = jax.jit(setup.train_chunk)
     counting = jnp.asarray(True)
