@@ -292,7 +292,8 @@ METHODS: dict[str, Method] = {
             eval_params=msam_eval_params,
             family="averaging",
         ),
-        # The official code's CIFAR-10 ResNet setting (main_cifar.py).
+        # The official code's CIFAR-10 ResNet setting (main_cifar.py); MNIST-1D, 3 seeds:
+        # 94.1 % clean, 70.6 % noisy (SGD 93.3 %, 60.5 %).
         Method(
             "gam",
             gam,
@@ -301,7 +302,8 @@ METHODS: dict[str, Method] = {
             "4",
             family="multistep",
         ),
-        # The official README's SAM setting: k 2, adaptive alpha (the constructor's None).
+        # The official README's SAM setting: k 2, adaptive alpha (the constructor's None);
+        # 93.8 % clean, 72.0 % noisy. k 3 and 5 diverge at SGD's lr 0.1 (22.9 %, 9.8 %).
         Method(
             "lookbehind_sam",
             lookbehind_sam,

@@ -65,8 +65,9 @@ def gam(
 
     The defaults are the official code's CIFAR-10 ResNet setting
     (``main_cifar.py``; SGD, learning rate 0.1, momentum 0.9). The registry
-    keeps them: on MNIST-1D they train at least as well as SGD (see the
-    multistep docs page for the sweep).
+    keeps them: on MNIST-1D (3 seeds, SGD base) they give 94.1 % test accuracy
+    clean and 70.6 % with 40 % noisy labels, against SGD's 93.3 % and 60.5 %
+    (the docs page "More probes per step" has the sweeps).
 
     Args:
       rho: the radius of the gradient-norm ascent along ``h_0`` (the official

@@ -102,7 +102,12 @@ def lookbehind_sam(
       rho: the radius of each ascent step, a number or an optax schedule of
         the outer step count (official: 0.05 for SAM, 0.5 for ASAM).
       k: the ascent and descent steps per minibatch, a Python integer >= 1
-        (official README: 2; the loop is unrolled).
+        (official README: 2; the loop is unrolled). The registry keeps 2 with
+        ``rho = 0.05`` and the adaptive ``alpha``: on MNIST-1D (3 seeds, SGD with
+        learning rate 0.1 and momentum 0.9) 93.8 % clean and 72.0 % with noisy
+        labels, against SGD's 93.3 % and 60.5 %; ``k = 3`` and ``k = 5``
+        diverge there (``k`` base steps on one minibatch act as a ``k`` times
+        larger step): lower the learning rate for a larger ``k``.
       alpha: the interpolation ``w + α (f_k - w)``, in ``[0, 1]``, or ``None``
         for the adaptive per-leaf ``α`` (the official README's ``--alpha -1``;
         the paper also reports 0.2, 0.5 and 0.8).
