@@ -92,6 +92,12 @@ GRIDS: dict[str, dict[str, list[str]]] = {
     },
     "bsam": {"alpha": ["0.25", "0.5", "1", "2"], "rho": ["0.003", "0.01", "0.03", "0.1"]},
     "wasam": {"rho": ["0.02", "0.05", "0.1", "0.2"]},
+    "gam": {
+        "rho_prime": ["0.01", "0.03", "0.05", "0.1"],
+        "gamma": ["0", "0.02", "0.05", "0.1"],
+        "rho": ["0.05", "0.1", "0.2", "0.5"],
+    },
+    "lookbehind_sam": {"k": ["1", "2", "3", "5"], "rho": ["0.02", "0.05", "0.1", "0.2"]},
 }
 
 # The recorded comparison's runs, which hold every method at its defaults.

@@ -10,6 +10,7 @@ from sam_optax import policies, sharpness
 from sam_optax.checkpoint import restore_checkpoint_state
 from sam_optax.combines import (
     LookSAMState,
+    gradient_norm_aware,
     interpolate,
     looksam_reuse,
     probe_gradient,
@@ -21,7 +22,9 @@ from sam_optax.methods.ae_sam import ae_looksam, ae_sam
 from sam_optax.methods.bsam import BSAMState, bsam, bsam_sample
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
+from sam_optax.methods.gam import gam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
+from sam_optax.methods.lookbehind import LookbehindState, lookbehind_sam
 from sam_optax.methods.looksam import looksam
 from sam_optax.methods.mesa import (
     EMAState,
@@ -71,6 +74,7 @@ __all__ = [
     "FilterwiseGaussianState",
     "FriendlyState",
     "LookSAMState",
+    "LookbehindState",
     "MSAMState",
     "MSharpness",
     "MSharpnessState",
@@ -101,9 +105,12 @@ __all__ = [
     "fisher_sam",
     "friendly_perturbation",
     "friendly_sam",
+    "gam",
+    "gradient_norm_aware",
     "gsam",
     "gsam_rho_schedule",
     "interpolate",
+    "lookbehind_sam",
     "looksam",
     "looksam_reuse",
     "m_sharpness",

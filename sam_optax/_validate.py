@@ -189,3 +189,11 @@ def floating_params(name: str, params: Any) -> None:
                 "transformation with optax.partition / optax.masked and "
                 "optax.set_to_zero() for them."
             )
+
+
+def one_of(name: str, value: Any, options: tuple[str, ...]) -> None:
+    """Checks that ``value`` is one of the strings ``options``."""
+    if not (isinstance(value, str) and value in options):
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(o) for o in options)}, got {value!r}."
+        )

@@ -29,6 +29,12 @@ class Context(NamedTuple):
       mask: one Python bool per leaf of the params (``True``: perturbed), or
         ``None`` for every leaf; a combine that takes norms or dot products
         restricts them to these leaves.
+      evaluate: in the ``combine`` of a piece that declares further probes
+        (:attr:`Combine.probes`), ``e -> g_p``: the probe gradient at ``w + e``
+        for a displacement ``e`` with the structure of ``g``, evaluated
+        through the skeleton's own probe path (mask, ``full_params``, the
+        ``probe`` hook, dtype casts) and returned in ``g``'s dtypes; at most
+        ``Combine.probes`` calls per step. ``None`` everywhere else.
     """
 
     params: PyTree
@@ -38,6 +44,7 @@ class Context(NamedTuple):
     axis_name: str | None
     extra_args: dict[str, Any]
     mask: list[bool] | None = None
+    evaluate: Callable[[PyTree], PyTree] | None = None
 
 
 class Perturbation(NamedTuple):
@@ -62,11 +69,16 @@ class Combine(NamedTuple):
         with ``g_p`` the probe gradient ``grad_fn(w + e)``.
       fallback: ``(g, state, ctx) -> (out, new_state)`` on a step that a policy
         skips (one gradient evaluation only).
+      probes: how many further probe gradients ``combine`` may take, each by
+        calling ``ctx.evaluate(e)`` (GAM's combine takes two, at points that
+        depend on ``g_p``); 0 for a combine of ``g`` and ``g_p`` alone, whose
+        ``ctx.evaluate`` is then ``None``.
     """
 
     init: Callable[[PyTree], PyTree]
     combine: Callable[[PyTree, PyTree, PyTree, Context], tuple[PyTree, PyTree]]
     fallback: Callable[[PyTree, PyTree, Context], tuple[PyTree, PyTree]]
+    probes: int = 0
 
 
 class Policy(NamedTuple):

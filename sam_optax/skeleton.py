@@ -7,7 +7,9 @@ Every method of :mod:`sam_optax` is this skeleton with three small pieces plugge
               v
           perturbation(g, w) --> e --> probe: g_p = grad_fn(w + e) --> combine(g, g_p) --> out
 
-This module is the only code in the library that calls ``grad_fn``.
+A combine may declare further probes (``Combine.probes``, GAM's three dependent
+probes): it then calls ``ctx.evaluate(e)`` for the gradient at ``w + e``, which runs the
+same probe path. This module is the only code in the library that calls ``grad_fn``.
 """
 
 from __future__ import annotations
@@ -134,6 +136,22 @@ def _check_probe(g_p: PyTree, like: PyTree, name: str) -> None:
             )
 
 
+def _bounded(gradient_at: Callable[[PyTree], PyTree], limit: int, name: str) -> Callable:
+    """``gradient_at`` for a combine that declared ``limit`` further probes, and no more."""
+    calls = [0]
+
+    def evaluate(e: PyTree) -> PyTree:
+        calls[0] += 1
+        if calls[0] > limit:
+            raise ValueError(
+                f"sam_optax.{name}: the combine evaluated more than the {limit} further "
+                f"probe gradient(s) it declares in `Combine.probes`."
+            )
+        return gradient_at(e)
+
+    return evaluate
+
+
 def _select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -161,7 +179,11 @@ def sharpness_aware(
         \mathrm{out} = \mathrm{combine}(g, g_p)
 
     and on a skipped step ``out = fallback(g)``; the probe sits in
-    ``jax.lax.cond``, so a skipped step costs one gradient evaluation. With
+    ``jax.lax.cond``, so a skipped step costs one gradient evaluation. A combine
+    that declares ``probes = n`` (:class:`sam_optax.Combine`) may evaluate ``n``
+    further probe gradients, each at ``w + e'`` for a displacement ``e'`` it
+    computes from those before (``ctx.evaluate(e')``), through the same path
+    as the first: mask, ``full_params``, the ``probe`` hook, dtype casts. With
     ``rho = 0`` the output is exactly ``g`` (the base optimizer's trajectory).
     Norms and dot products are accumulated in float32; the output has the dtype
     of the incoming updates. With ``axis_name`` the output is averaged over that
@@ -226,6 +248,7 @@ def sharpness_aware(
     _validate.piece("perturbation", perturbation, Perturbation)
     _validate.piece("combine", combine, Combine)
     _validate.piece("policy", policy, Policy)
+    _validate.integer("combine.probes", combine.probes, 0, static=True)
     _validate.non_negative("rho", rho)
     _validate.non_negative("eps", eps)
     _validate.mask(mask)
@@ -276,23 +299,31 @@ def sharpness_aware(
             return (w.astype(_tree.accum_dtype(w.dtype)) + d).astype(w.dtype) if keep else w
 
         def probe_branch(in_cond):
+            def gradient_at(e):
+                e = _tree.apply_mask(e, flags)
+                w_leaves, treedef = jax.tree.flatten(params)
+                w_p = treedef.unflatten(
+                    [
+                        shift(w, d, keep)
+                        for w, d, keep in zip(
+                            w_leaves, treedef.flatten_up_to(e), floating, strict=True
+                        )
+                    ]
+                )
+                # In a conditional branch XLA:CPU leaves autodiff's convolutions off its
+                # fast path (see _xla_cpu); the rewrite keeps a probing step as fast there.
+                g_p = _xla_cpu.canonical_convolutions(evaluate)(w_p) if in_cond else evaluate(w_p)
+                _check_probe(g_p, updates, name)
+                # A probe gradient in another float dtype (float64 under x64 for float32
+                # params) is cast to g's dtype, so that both branches of a cond agree.
+                return _tree.cast_like(_tree.as_float(g_p, params, floating), g)
+
             e, p_state = perturbation.perturb(_tree.apply_mask(g, flags), state.perturbation, ctx)
-            e = _tree.apply_mask(e, flags)
-            w_leaves, treedef = jax.tree.flatten(params)
-            w_p = treedef.unflatten(
-                [
-                    shift(w, d, keep)
-                    for w, d, keep in zip(w_leaves, treedef.flatten_up_to(e), floating, strict=True)
-                ]
-            )
-            # In a conditional branch XLA:CPU leaves autodiff's convolutions off its
-            # fast path (see _xla_cpu); the rewrite keeps a probing step as fast there.
-            g_p = _xla_cpu.canonical_convolutions(evaluate)(w_p) if in_cond else evaluate(w_p)
-            _check_probe(g_p, updates, name)
-            # A probe gradient in another float dtype (float64 under x64 for float32
-            # params) is cast to g's dtype, so that both branches of a cond agree.
-            g_p = _tree.cast_like(_tree.as_float(g_p, params, floating), g)
-            out, c_state = combine.combine(g, g_p, state.combine, ctx)
+            g_p = gradient_at(e)
+            c_ctx = ctx
+            if combine.probes:  # a combine that takes further probes gets the same path
+                c_ctx = ctx._replace(evaluate=_bounded(gradient_at, combine.probes, name))
+            out, c_state = combine.combine(g, g_p, state.combine, c_ctx)
             return out, p_state, c_state
 
         def skip_branch(_):

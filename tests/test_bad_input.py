@@ -89,6 +89,15 @@ OUT_OF_RANGE = [
     ("bsam", "s_init", 0.0),
     ("bsam", "groups", 0),
     ("bsam", "seed", 0.5),
+    ("gam", "rho_prime", -0.1),
+    ("gam", "alpha", 1.5),
+    ("gam", "beta", -0.1),
+    ("gam", "gamma", -0.05),
+    ("gam", "h_minus", "both"),
+    ("lookbehind_sam", "k", 0),
+    ("lookbehind_sam", "alpha", 1.5),
+    ("lookbehind_sam", "perturbation", "asam"),
+    ("lookbehind_sam", "eta", -0.01),
 ]
 
 # Masks that only the params can refute: raised by ``tx.init(params)``.
@@ -272,6 +281,21 @@ PIECE_CASES = [
     (lambda: sam_optax.friendly_perturbation(lmbda=1.0), "lmbda", "1.0"),
     (lambda: sam_optax.surrogate_gap(alpha=-1.0), "alpha", "-1.0"),
     (lambda: sam_optax.weighted_sharpness(gamma=1.0), "gamma", "1.0"),
+    (lambda: sam_optax.gradient_norm_aware(rho=-0.2), "rho", "-0.2"),
+    (lambda: sam_optax.gradient_norm_aware(alpha="a"), "alpha", "'a'"),
+    (lambda: sam_optax.gradient_norm_aware(beta=2.0), "beta", "2.0"),
+    (lambda: sam_optax.gradient_norm_aware(gamma=-1.0), "gamma", "-1.0"),
+    (lambda: sam_optax.gradient_norm_aware(h_minus=None), "h_minus", "None"),
+    (lambda: sam_optax.lookbehind_sam("sgd"), "base_optimizer", "'sgd'"),
+    (
+        lambda: sam_optax.sharpness_aware(
+            sam_optax.normalized_gradient(),
+            sam_optax.probe_gradient()._replace(probes=1.5),
+            rho=0.1,
+        ),
+        "combine.probes",
+        "1.5",
+    ),
     (lambda: sam_optax.wsam_decoupled("sgd", 0.1), "base_optimizer", "'sgd'"),
     (lambda: sam_optax.wsam_decoupled(optax.sgd(0.1), -0.1), "learning_rate", "-0.1"),
     (lambda: _gsam_schedule(lr_schedule="x"), "lr_schedule", "'x'"),
@@ -420,6 +444,7 @@ AUDITED = {
     "friendly_perturbation",
     "surrogate_gap",
     "weighted_sharpness",
+    "gradient_norm_aware",
     "gsam_rho_schedule",
     "swa_params",
     "msam_eval_params",
@@ -508,6 +533,8 @@ def test_state_initialised_for_other_params_is_refused(name):
 # The structural hyperparameters that optax.inject_hyperparams must leave as numbers.
 STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_steps"}}
 STATIC.update(esam={"gamma"}, bsam={"groups"})
+STATIC["esam"] = {"gamma"}
+STATIC["lookbehind_sam"] = {"k"}
 REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}
 REQUIRED["num_data"] = 1000
 

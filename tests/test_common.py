@@ -40,6 +40,16 @@ def _bsam(rho, base, **extra):
     return sam_optax.bsam(0.5, 1e6, rho=rho, weight_decay=0.0, **extra)
 
 
+def _gam(rho, base, **extra):
+    """GAM's skeleton radius is rho_prime (rho_prime = 0 is the base optimizer); rho is 0.2."""
+    return optax.chain(sam_optax.gam(rho_prime=rho, **extra), base)
+
+
+def _lookbehind(k):
+    """Lookbehind-SAM wraps the base optimizer (adaptive alpha)."""
+    return lambda rho, base, **extra: sam_optax.lookbehind_sam(base, rho=rho, k=k, **extra)
+
+
 METHODS = {
     "sam": _front(sam_optax.sam),
     "asam": _front(sam_optax.asam),
@@ -65,12 +75,16 @@ METHODS = {
     "sampa": lambda rho, base, **kw: sam_optax.sampa(base, rho=rho, same_batch=True, **kw),
     "rwp": _front(sam_optax.rwp),
     "bsam": _bsam,
+    "gam": _gam,
+    "lookbehind_sam": _lookbehind(2),
+    "lookbehind_sam_k1": _lookbehind(1),
 }
 
 # Methods for which rho = 0 is not the base optimizer, and why (their own tests say what is).
 RHO_ZERO_NOT_BASE = {
     "sampa": "with lam > 0 part of its step is the gradient at the trial point y",
     "bsam": "its own optimizer: rho = 0 is a noisy Adam-like method, not the base",
+    "lookbehind_sam": "k > 1 takes k base steps along g and looks back; the k = 1 row is exact",
 }
 
 RHO = {"asam": 0.2}  # methods whose rho lives on another scale
@@ -553,6 +567,42 @@ def _np_bsam(g, rho):
     return {k: -0.5 * 0.1 * x for k, x in _np_probe({k: rho * x for k, x in g_n.items()}).items()}
 
 
+def _np_add(*trees):
+    return {k: sum(t[k] for t in trees) for k in trees[0]}
+
+
+def _np_unit(tree, radius):
+    n = _np_norm(tree)
+    return {k: radius * x / (n + 1e-12) for k, x in tree.items()}
+
+
+def _np_gam(g, rho, rho_norm=0.2, alpha=0.1, beta=0.1, gamma=0.05):
+    g_1 = _np_sam(g, rho)
+    e_2 = _np_unit({k: g_1[k] - g[k] for k in g}, rho_norm)
+    g_2 = _np_probe(e_2)
+    g_3 = _np_probe(_np_add(e_2, _np_unit(g_2, rho)))
+    h_plus = {k: alpha * g_1[k] + (1 - alpha) * g_3[k] for k in g}
+    h_low = {k: g[k] + abs(1 - beta) * g_2[k] for k in g}
+    coef = _np_re_dot(h_low, h_plus) / (_np_norm(h_plus) ** 2 + 1e-12)
+    return {k: h_plus[k] - gamma * (h_low[k] - coef * h_plus[k]) for k in g}
+
+
+def _np_lookbehind(g, rho, k=2):
+    """With the identity base, the fast weights move by + each probe gradient."""
+    e, moved, first = {key: 0.0 for key in g}, {key: 0.0 for key in g}, None
+    for _ in range(k):
+        e = _np_add(e, _np_unit(g, rho))
+        g = _np_probe(e)
+        moved = _np_add(moved, g)
+        first = moved if first is None else first
+    cos = {
+        key: _np_re_dot({key: first[key]}, {key: moved[key]})
+        / (_np_norm({key: first[key]}) * _np_norm({key: moved[key]}))
+        for key in g
+    }
+    return {key: (1 + cos[key]) / 2 * moved[key] for key in g}
+
+
 COMPLEX_REFERENCES = {
     "sam": _np_sam,
     "asam": _np_asam,
@@ -573,6 +623,9 @@ COMPLEX_REFERENCES = {
     "sampa": lambda g, rho: g,  # step 0: G = 0, so x̃ = y = w
     "rwp": _np_rwp,
     "bsam": _np_bsam,  # the update itself, not a direction for the (unused) base
+    "gam": _np_gam,
+    "lookbehind_sam": _np_lookbehind,
+    "lookbehind_sam_k1": _np_sam,  # identity base: one probe gradient, alpha = 1
 }
 
 
@@ -678,6 +731,8 @@ def test_clipping_after_the_method_bounds_what_reaches_the_base_optimizer(name):
     clip = optax.clip_by_global_norm(1.0)
     tx = METHODS[name](_rho(name), optax.chain(clip, optax.sgd(1.0)))
     grad_fn, bound = jax.grad(loss), 1.0
+    if name == "lookbehind_sam":  # k = 2 clipped base steps, then alpha <= 1 per leaf
+        bound = 2.0
     if name == "wsam_decoupled":
         grad_fn = lambda p: clip.update(jax.grad(loss)(p), clip.init(p))[0]  # noqa: E731
         bound += 0.05 * 9.0 * 2.0

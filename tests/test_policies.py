@@ -53,8 +53,9 @@ def test_skipped_step_does_not_run_grad_fn(calls):
         sam_optax.wsam,
         sam_optax.vasso,
         sam_optax.friendly_sam,
+        lambda rho, **kw: sam_optax.gam(rho_prime=rho, **kw),
     ],
-    ids=["sam", "asam", "fisher_sam", "esam", "gsam", "wsam", "vasso", "friendly_sam"],
+    ids=["sam", "asam", "fisher_sam", "esam", "gsam", "wsam", "vasso", "friendly_sam", "gam"],
 )
 def test_full_policy_reproduces_full_method(method, policy):
     base = optax.sgd(0.05, momentum=0.9)

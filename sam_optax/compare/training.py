@@ -287,12 +287,18 @@ def train(
     from sam_optax.flax import TrainState
 
     method = registry.METHODS[spec.name]
+    base_tx = setup.base_tx
+    if method.base_steps is not None:
+        # A method that steps the base optimizer n times per training step gets a
+        # learning-rate schedule n times as long, so that it decays over training.
+        n = method.base_steps({**method.defaults, **spec.kwargs})
+        base_tx, _ = setup.base.build(setup.steps * n)
     a = setup.arrays
     batch_like = jax.eval_shape(
         lambda: (a["x_train"][: setup.batch_size], a["y_train"][: setup.batch_size])
     )
     tx = spec.build(
-        setup.base_tx,
+        base_tx,
         learning_rate=setup.schedule,
         total_steps=setup.steps,
         num_data=setup.n_train,
