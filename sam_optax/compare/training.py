@@ -15,10 +15,12 @@ Hooks for methods (no per-method code here): every ``update`` receives
 arguments, every optimizer is built with the training set's size (``num_data``) and
 the shapes of one batch (``batch_like``, for a method that keeps the previous batch in
 its state), a registry entry with ``eval_params`` is evaluated (accuracy, loss,
-sharpness) on ``eval_params(params, opt_state)``, called eagerly, and one with
+sharpness) on ``eval_params(params, opt_state)``, called eagerly, one with
 ``loss_term`` has ``loss_term(opt_state, apply, x, logits)`` added to the training loss
 (inside the differentiated loss, so its gradient comes from the same backward pass; the
-counter taps the cross-entropy only).
+counter taps the cross-entropy only), one with ``uses_gradient=False`` has its clean pass
+run forward only, and one with ``base_steps`` gets a base learning-rate schedule that
+many times as long.
 """
 
 from __future__ import annotations
