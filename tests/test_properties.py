@@ -162,7 +162,9 @@ def _with_edges(test):
 
 
 @pytest.mark.slow
-@names
+# bSAM takes no mask, and its perturbation rho g / s is not normalised (the official
+# code's): gradients near the dtype's largest value overflow it (tests/test_bsam.py).
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"bsam"}))
 @SETTINGS
 @_with_edges
 @given(problem=problems())
