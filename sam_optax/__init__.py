@@ -7,6 +7,12 @@ Chain a method in front of any optax optimizer and pass ``grad_fn`` to ``update`
 """
 
 from sam_optax import policies, sharpness
+from sam_optax.centralization import (
+    centralize,
+    centralized_gradient,
+    centralized_probe,
+    kernel_axes,
+)
 from sam_optax.checkpoint import restore_checkpoint_state
 from sam_optax.combines import (
     LookSAMState,
@@ -19,10 +25,12 @@ from sam_optax.distributed import MSharpness, MSharpnessState, accumulate, m_sha
 from sam_optax.methods.ae_sam import ae_looksam, ae_sam
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
+from sam_optax.methods.gcsam import gcsam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
 from sam_optax.methods.looksam import looksam
 from sam_optax.methods.msam import MSAMState, msam, msam_eval_params
 from sam_optax.methods.sam import asam, fisher_sam, sam
+from sam_optax.methods.ssam import ssam
 from sam_optax.methods.swa import SWAState, swa, swa_params, wasam
 from sam_optax.methods.vasso import vasso
 from sam_optax.methods.wsam import WSAMDecoupledState, wsam, wsam_decoupled
@@ -42,6 +50,12 @@ from sam_optax.pieces import Combine, Context, Perturbation, Policy
 from sam_optax.probes import sharpness_sensitive_data
 from sam_optax.profile import CollectiveStats, StepProfile, profile_step
 from sam_optax.skeleton import SharpnessAwareState, sharpness_aware
+from sam_optax.sparse import (
+    SparseMaskState,
+    fisher_mask,
+    set_sparse_mask,
+    sparse_mask_perturbation,
+)
 
 __version__ = "0.1.0"
 
@@ -58,6 +72,7 @@ __all__ = [
     "Policy",
     "SWAState",
     "SharpnessAwareState",
+    "SparseMaskState",
     "StepProfile",
     "StochasticPerturbationState",
     "VaSSOState",
@@ -68,13 +83,19 @@ __all__ = [
     "ae_looksam",
     "ae_sam",
     "asam",
+    "centralize",
+    "centralized_gradient",
+    "centralized_probe",
     "esam",
+    "fisher_mask",
     "fisher_perturbation",
     "fisher_sam",
     "friendly_perturbation",
     "friendly_sam",
+    "gcsam",
     "gsam",
     "gsam_rho_schedule",
+    "kernel_axes",
     "looksam",
     "looksam_reuse",
     "m_sharpness",
@@ -86,9 +107,12 @@ __all__ = [
     "profile_step",
     "restore_checkpoint_state",
     "sam",
+    "set_sparse_mask",
     "sharpness",
     "sharpness_aware",
     "sharpness_sensitive_data",
+    "sparse_mask_perturbation",
+    "ssam",
     "stochastic_weight_perturbation",
     "surrogate_gap",
     "swa",
