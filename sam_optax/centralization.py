@@ -42,6 +42,10 @@ def kernel_axes(path: tuple, leaf: Any) -> tuple[int, ...] | None:
       >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
       >>> jax.tree_util.tree_map_with_path(sam_optax.kernel_axes, params)
       {'dense': {'bias': None, 'kernel': (0,)}}
+
+    References:
+      Yong et al., Gradient Centralization: A New Optimization Technique for Deep
+      Neural Networks, ECCV 2020, https://arxiv.org/abs/2004.01461
     """
     if _tree.leaf_name(path) == "kernel" and jnp.ndim(leaf) >= 2:
         return tuple(range(jnp.ndim(leaf) - 1))
@@ -84,10 +88,19 @@ def centralize(tree: PyTree, axes: Axes | None = None) -> PyTree:
       >>> out = sam_optax.centralize(g)
       >>> out["kernel"].tolist(), out["bias"].tolist()
       ([[-1.0, -2.0], [1.0, 2.0]], [1.0, 2.0])
+
+    References:
+      Yong et al., Gradient Centralization: A New Optimization Technique for Deep
+      Neural Networks, ECCV 2020, https://arxiv.org/abs/2004.01461
     """
+    _check_rule(axes)
     rule = kernel_axes if axes is None else axes
 
     def one(path, x):
+        if not hasattr(x, "shape"):
+            raise ValueError(
+                f"`tree` leaves must be arrays, got {x!r} at {jax.tree_util.keystr(path)}."
+            )
         found = _check_axes(rule(path, x), path, x)
         return x if found is None else x - jnp.mean(x, axis=found, keepdims=True)
 

@@ -98,7 +98,13 @@ def _need(what: str) -> ValueError:
 def _fisher(loss_fn: Callable, params: PyTree, batch: PyTree, num_samples: int | None) -> PyTree:
     """``Σ_n (∇ℓ_n)²`` over the first ``num_samples`` examples of ``batch`` (float32)."""
     _validate.function("per_example_loss_fn", loss_fn)
-    size = jnp.shape(jax.tree.leaves(batch)[0])[0]
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(batch)]
+    if not shapes or any(not shape or shape[0] != shapes[0][0] for shape in shapes):
+        raise ValueError(
+            "`batch` must be a pytree of arrays with one common leading (example) axis, got "
+            f"leaves of shapes {shapes}."
+        )
+    size = shapes[0][0]
     n = size if num_samples is None else min(num_samples, size)
     examples = jax.tree.map(lambda x: x[:n], batch)
     floating = _tree.floating_flags(params)
@@ -178,6 +184,11 @@ def fisher_mask(
     _check_sparsity(sparsity)
     if num_samples is not None:
         _validate.integer("num_samples", num_samples, 1, static=True)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not hasattr(leaf, "shape"):
+            raise ValueError(
+                f"`params` leaves must be arrays, got {leaf!r} at {jax.tree_util.keystr(path)}."
+            )
     scores = jax.tree.leaves(_fisher(per_example_loss_fn, params, batch, num_samples))
     eligible = _tree.floating_flags(params)
     size = sum(s.size for s, keep in zip(scores, eligible, strict=True) if keep)
@@ -205,6 +216,10 @@ def set_sparse_mask(opt_state: Any, mask: PyTree) -> Any:
       >>> state = sam_optax.set_sparse_mask(tx.init(jnp.zeros(3)), jnp.array([True, False, True]))
       >>> state[0].perturbation.mask.tolist()
       [True, False, True]
+
+    References:
+      Mi et al., Make Sharpness-Aware Minimization Stronger: A Sparsified
+      Perturbation Approach, NeurIPS 2022, https://arxiv.org/abs/2210.05177
     """
     old = find_state(opt_state, SparseMaskState, "set_sparse_mask")
     want = jax.tree.structure(old.mask)

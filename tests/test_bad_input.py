@@ -70,6 +70,11 @@ OUT_OF_RANGE = [
     ("sam_every_k", "k", 0),
     ("rst", "p", 1.5),
     ("msam", "momentum", 1.5),
+    ("ssam_f", "sparsity", 1.5),
+    ("ssam_f", "update_every", 0),
+    ("ssam_f", "num_samples", 0),
+    ("ssam_d", "sparsity", -0.1),
+    ("ssam_d", "drop_rate", 1.5),
     ("msam", "weight_decay", -1.0),
 ]
 
@@ -143,6 +148,11 @@ def test_mismatched_mask_fails_at_init(name, kind):
     tx = _build(name, mask=BAD_MASKS[kind])
     with _raises("mask"):
         tx.init(make_params())
+
+
+def _sq(p, b):
+    """Per-example losses for the Fisher mask's cases."""
+    return jnp.sum(p**2) * b
 
 
 def _gsam_schedule(**override):
@@ -272,6 +282,38 @@ PIECE_CASES = [
     (lambda: sam_optax.m_sharpness(sam_optax.sam(), abs, m=2, batch_size=2.0), "batch_size", ""),
     (lambda: sam_optax.accumulate("f", 2), "fn", "'f'"),
     (lambda: sam_optax.accumulate(abs, 0), "micro_batch_size", "0"),
+    (lambda: sam_optax.centralize({"kernel": "abc"}), "tree", "'abc'"),
+    (lambda: sam_optax.centralize({"kernel": jnp.ones((2, 2))}, axes=0), "axes", "0"),
+    (lambda: sam_optax.centralize({"kernel": jnp.ones(2)}, axes=lambda p, x: 1), "axes", "1"),
+    (lambda: sam_optax.centralized_gradient(axes="last"), "axes", "'last'"),
+    (lambda: sam_optax.centralized_gradient(norm="l1"), "norm", "'l1'"),
+    (lambda: sam_optax.centralized_probe(axes=(0,)), "axes", "(0,)"),
+    (lambda: sam_optax.gcsam(centralize_descent="yes"), "centralize_descent", "'yes'"),
+    (lambda: sam_optax.sparse_mask_perturbation(sparsity=2.0), "sparsity", "2.0"),
+    (lambda: sam_optax.sparse_mask_perturbation(update_every=1.5), "update_every", "1.5"),
+    (lambda: sam_optax.sparse_mask_perturbation(mode="fixed"), "mode", "'fixed'"),
+    (lambda: sam_optax.sparse_mask_perturbation(num_samples=0), "num_samples", "0"),
+    (lambda: sam_optax.sparse_mask_perturbation(drop_rate=-0.5), "drop_rate", "-0.5"),
+    (lambda: sam_optax.sparse_mask_perturbation(mode="dynamic"), "total_steps", "None"),
+    (lambda: sam_optax.sparse_mask_perturbation(total_steps=0), "total_steps", "0"),
+    (lambda: sam_optax.sparse_mask_perturbation(death="norm"), "death", "'norm'"),
+    (lambda: sam_optax.sparse_mask_perturbation(growth=1), "growth", "1"),
+    (lambda: sam_optax.sparse_mask_perturbation(seed=0.5), "seed", "0.5"),
+    (lambda: sam_optax.fisher_mask("f", jnp.ones(2), jnp.ones(3)), "per_example_loss_fn", "'f'"),
+    (lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(())), "batch", "()"),
+    (lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(3), 1.5), "sparsity", "1.5"),
+    (lambda: sam_optax.fisher_mask(_sq, "w", jnp.ones(3)), "params", "'w'"),
+    (
+        lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(3), num_samples=0),
+        "num_samples",
+        "0",
+    ),
+    (lambda: sam_optax.set_sparse_mask({}, jnp.ones(2, bool)), "opt_state", "SparseMaskState"),
+    (
+        lambda: sam_optax.set_sparse_mask(sam_optax.ssam().init(jnp.ones(2)), jnp.ones(3, bool)),
+        "mask",
+        "bool[3]",
+    ),
     (
         lambda: sam_optax.restore_checkpoint_state(
             {"count": jnp.zeros([], jnp.int32)}, sam_optax.sam().init(make_params())
@@ -352,6 +394,13 @@ AUDITED = {
     "m_sharpness",
     "accumulate",
     "profile_step",  # its other arguments are whatever the step takes
+    "centralize",
+    "centralized_gradient",
+    "centralized_probe",
+    "kernel_axes",  # a rule: any key path and leaf give axes or None
+    "sparse_mask_perturbation",
+    "fisher_mask",
+    "set_sparse_mask",
 }
 
 
@@ -423,6 +472,7 @@ def test_state_initialised_for_other_params_is_refused(name):
 # The structural hyperparameters that optax.inject_hyperparams must leave as numbers.
 STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_steps"}}
 STATIC["esam"] = {"gamma"}
+STATIC["ssam_d"] = {"sparsity", "update_every", "num_samples"}  # a count and shapes
 REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}
 
 
