@@ -201,10 +201,12 @@ METHODS: dict[str, Method] = {
             "2",
             family="geometry",
         ),
+        # rho 0.2, not 0.05: with its descent centralised, GCSAM at 0.05 trains below SGD
+        # (sweep: 92.1 % clean, 59.7 % noisy; SGD 93.3 %, 60.5 %); 0.2 gains (93.8 %, 69.8 %).
         Method(
             "gcsam",
             gcsam,
-            {"rho": 0.05},
+            {"rho": 0.2},
             "Hassan et al., IEEE Access 2025",
             "2",
             family="geometry",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from sam_optax import _tree, _validate
 from sam_optax._state import find_state
 from sam_optax.pieces import Perturbation
+from sam_optax.probes import _explicit_spec, _whole
 from sam_optax.skeleton import _fill, _prune
 
 PyTree = Any
@@ -54,25 +55,37 @@ def _eligible(tree: PyTree, flags: list[bool] | None) -> list[bool]:
     return floating if flags is None else [f and k for f, k in zip(floating, flags, strict=True)]
 
 
-def _top(scores: list[jax.Array], eligible: list[bool], k: jax.Array | int) -> list[jax.Array]:
+def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` sharded as ``ref`` when ``ref`` is sharded over Explicit mesh axes."""
+    spec = _explicit_spec(ref)
+    return x if spec is None else jax.sharding.reshard(x, spec)
+
+
+def _top(
+    scores: list[jax.Array], eligible: list[bool], k: jax.Array | int, like: list[jax.Array]
+) -> list[jax.Array]:
     """Boolean masks of the ``k`` largest entries over every eligible leaf together.
 
     Ranks (a stable double ``argsort``) instead of ``lax.top_k``, so that ``k`` may be
     traced; ties go to the earlier entry, and exactly ``min(k, size)`` entries are kept.
+    The selection is global: under Explicit mesh axes the scores are gathered, and each
+    mask leaf is sharded as the matching leaf of ``like``.
     """
-    flat = [s.astype(jnp.float32).ravel() for s, keep in zip(scores, eligible, strict=True) if keep]
-    if not flat:
-        return [jnp.zeros(jnp.shape(s), bool) for s in scores]
-    v = jnp.concatenate(flat)
-    rank = jnp.argsort(jnp.argsort(-v, stable=True), stable=True)
-    chosen = rank < k
+    flat = [
+        _whole(s).astype(jnp.float32).ravel()
+        for s, keep in zip(scores, eligible, strict=True)
+        if keep
+    ]
     out, start = [], 0
-    for s, keep in zip(scores, eligible, strict=True):
+    if flat:
+        v = jnp.concatenate(flat)
+        chosen = jnp.argsort(jnp.argsort(-v, stable=True), stable=True) < k
+    for s, keep, ref in zip(scores, eligible, like, strict=True):
         if keep:
-            out.append(chosen[start : start + s.size].reshape(s.shape))
+            out.append(_like(chosen[start : start + s.size].reshape(s.shape), ref))
             start += s.size
         else:
-            out.append(jnp.zeros(jnp.shape(s), bool))
+            out.append(jnp.zeros_like(ref, dtype=bool))
     return out
 
 
@@ -106,7 +119,9 @@ def _fisher(loss_fn: Callable, params: PyTree, batch: PyTree, num_samples: int |
         )
     size = shapes[0][0]
     n = size if num_samples is None else min(num_samples, size)
-    examples = jax.tree.map(lambda x: x[:n], batch)
+    # Gathered under Explicit mesh axes: the per-example gradients are sharded like the
+    # params, and a mesh axis cannot shard both them and the examples' axis.
+    examples = jax.tree.map(lambda x: _whole(x)[:n], batch)
     floating = _tree.floating_flags(params)
 
     def one(example):
@@ -192,7 +207,7 @@ def fisher_mask(
     scores = jax.tree.leaves(_fisher(per_example_loss_fn, params, batch, num_samples))
     eligible = _tree.floating_flags(params)
     size = sum(s.size for s, keep in zip(scores, eligible, strict=True) if keep)
-    chosen = _top(scores, eligible, kept_entries(size, sparsity))
+    chosen = _top(scores, eligible, kept_entries(size, sparsity), jax.tree.leaves(params))
     return jax.tree.unflatten(jax.tree.structure(params), chosen)
 
 
@@ -249,7 +264,7 @@ def _score(kind: str, g: jax.Array, w: jax.Array, key: jax.Array) -> jax.Array:
         return jnp.abs(g)
     if kind == "weight":
         return jnp.abs(w).astype(jnp.float32)
-    return jax.random.uniform(key, jnp.shape(g))
+    return _like(jax.random.uniform(key, jnp.shape(g)), g)
 
 
 def sparse_mask_perturbation(
@@ -342,7 +357,7 @@ def sparse_mask_perturbation(
 
     def init(params):
         return SparseMaskState(
-            jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), bool), params),
+            jax.tree.map(lambda w: jnp.zeros_like(w, dtype=bool), params),
             jax.random.PRNGKey(seed),
             -jnp.ones([], jnp.int32),
         )
@@ -362,7 +377,7 @@ def sparse_mask_perturbation(
         def draw():
             keys = jax.random.split(jax.random.split(state.key)[0], len(leaves))
             scores = [jax.random.uniform(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-            return treedef.unflatten(_top(scores, eligible, kept_entries(size, sparsity)))
+            return treedef.unflatten(_top(scores, eligible, kept_entries(size, sparsity), leaves))
 
         return jax.lax.cond(state.last < 0, draw, lambda: state.mask)
 
@@ -383,7 +398,7 @@ def sparse_mask_perturbation(
                 scores = _prune(_fisher(loss_fn, _fill(ctx.params, full), batch, num_samples), g)
             leaves = jax.tree.leaves(scores)
             size = sum(s.size for s, keep in zip(leaves, eligible, strict=True) if keep)
-            chosen = _top(leaves, eligible, kept_entries(size, sparsity))
+            chosen = _top(leaves, eligible, kept_entries(size, sparsity), jax.tree.leaves(g))
             return jax.tree.unflatten(jax.tree.structure(g), chosen)
 
         return jax.lax.cond(due(state, ctx), compute, lambda: state.mask)
@@ -412,8 +427,8 @@ def sparse_mask_perturbation(
                 r = _score(growth, x, w, keys[2 * j + 1])
                 inside.append(jnp.where(m, d, -jnp.inf))
                 outside.append(jnp.where(m, -jnp.inf, r))
-            keep = _top(inside, eligible, k_keep)
-            grow = _top(outside, eligible, k_grow)
+            keep = _top(inside, eligible, k_keep, g_leaves)
+            grow = _top(outside, eligible, k_grow, g_leaves)
             return treedef.unflatten(
                 [(a & m) | (b & ~m) for a, b, m in zip(keep, grow, m_leaves, strict=True)]
             )
@@ -426,7 +441,9 @@ def sparse_mask_perturbation(
         elif update_every is not None:
             state = state._replace(mask=fisher_update(g, state, ctx))
         scale = ctx.rho / (_tree.global_norm(g) + ctx.eps)
-        e = jax.tree.map(lambda x, m: jnp.where(m, scale * x, jnp.zeros_like(x)), g, state.mask)
+        # A product, as the official code, not a select: a non-finite gradient entry
+        # outside M still makes e non-finite (it propagates, it is never replaced).
+        e = jax.tree.map(lambda x, m: scale * x * m.astype(x.dtype), g, state.mask)
         mask = dynamic_update(g, state, ctx) if dynamic and update_every is not None else state.mask
         fresh = due(state, ctx) | (dynamic & (state.last < 0))
         last = jnp.where(fresh, jnp.asarray(ctx.count, jnp.int32), state.last)

@@ -50,7 +50,10 @@ def gcsam(
 
     Args:
       rho: the perturbation radius (default 0.05, pytorch_optimizer's ``SAM``; the
-        paper's value could not be read), a number or an optax schedule.
+        paper's value could not be read), a number or an optax schedule. The
+        registry uses 0.2: on MNIST-1D (3 seeds) 0.05 trains below SGD (92.1 % clean,
+        59.7 % with 40 % noisy labels, against 93.3 % and 60.5 %), 0.2 above it
+        (93.8 %, 69.8 %).
       axes: ``(path, leaf) -> axes or None``: the axes over which each leaf's
         gradient is centralised (``None``: not centralised). Default
         :func:`sam_optax.kernel_axes`: every axis but the last, for the leaves
