@@ -7,6 +7,12 @@ Chain a method in front of any optax optimizer and pass ``grad_fn`` to ``update`
 """
 
 from sam_optax import policies, sharpness
+from sam_optax.centralization import (
+    centralize,
+    centralized_gradient,
+    centralized_probe,
+    kernel_axes,
+)
 from sam_optax.checkpoint import restore_checkpoint_state
 from sam_optax.combines import (
     LookSAMState,
@@ -23,6 +29,7 @@ from sam_optax.methods.bsam import BSAMState, bsam, bsam_sample
 from sam_optax.methods.esam import esam
 from sam_optax.methods.friendly_sam import friendly_sam
 from sam_optax.methods.gam import gam
+from sam_optax.methods.gcsam import gcsam
 from sam_optax.methods.gsam import gsam, gsam_rho_schedule
 from sam_optax.methods.lookbehind import LookbehindState, lookbehind_sam
 from sam_optax.methods.looksam import looksam
@@ -40,6 +47,7 @@ from sam_optax.methods.msam import MSAMState, msam, msam_eval_params
 from sam_optax.methods.rwp import rwp
 from sam_optax.methods.sam import asam, fisher_sam, sam
 from sam_optax.methods.sampa import SAMPaState, sampa
+from sam_optax.methods.ssam import ssam
 from sam_optax.methods.swa import SWAState, swa, swa_params, wasam
 from sam_optax.methods.vasso import vasso
 from sam_optax.methods.wsam import WSAMDecoupledState, wsam, wsam_decoupled
@@ -62,6 +70,12 @@ from sam_optax.pieces import Combine, Context, Perturbation, Policy
 from sam_optax.probes import sharpness_sensitive_data
 from sam_optax.profile import CollectiveStats, StepProfile, profile_step
 from sam_optax.skeleton import SharpnessAwareState, sharpness_aware
+from sam_optax.sparse import (
+    SparseMaskState,
+    fisher_mask,
+    set_sparse_mask,
+    sparse_mask_perturbation,
+)
 
 __version__ = "0.1.0"
 
@@ -84,6 +98,7 @@ __all__ = [
     "SAMPaState",
     "SWAState",
     "SharpnessAwareState",
+    "SparseMaskState",
     "StepProfile",
     "StochasticPerturbationState",
     "VaSSOState",
@@ -96,20 +111,26 @@ __all__ = [
     "asam",
     "bsam",
     "bsam_sample",
+    "centralize",
+    "centralized_gradient",
+    "centralized_probe",
     "ema_params",
     "ema_params_of",
     "ema_update",
     "esam",
     "filterwise_gaussian",
+    "fisher_mask",
     "fisher_perturbation",
     "fisher_sam",
     "friendly_perturbation",
     "friendly_sam",
     "gam",
+    "gcsam",
     "gradient_norm_aware",
     "gsam",
     "gsam_rho_schedule",
     "interpolate",
+    "kernel_axes",
     "lookbehind_sam",
     "looksam",
     "looksam_reuse",
@@ -127,9 +148,12 @@ __all__ = [
     "rwp",
     "sam",
     "sampa",
+    "set_sparse_mask",
     "sharpness",
     "sharpness_aware",
     "sharpness_sensitive_data",
+    "sparse_mask_perturbation",
+    "ssam",
     "stochastic_weight_perturbation",
     "surrogate_gap",
     "swa",

@@ -70,6 +70,11 @@ OUT_OF_RANGE = [
     ("sam_every_k", "k", 0),
     ("rst", "p", 1.5),
     ("msam", "momentum", 1.5),
+    ("ssam_f", "sparsity", 1.5),
+    ("ssam_f", "update_every", 0),
+    ("ssam_f", "num_samples", 0),
+    ("ssam_d", "sparsity", -0.1),
+    ("ssam_d", "drop_rate", 1.5),
     ("msam", "weight_decay", -1.0),
     ("mesa", "weight", -0.8),
     ("mesa", "temperature", 0.0),
@@ -170,6 +175,11 @@ def test_mismatched_mask_fails_at_init(name, kind):
     tx = _build(name, mask=BAD_MASKS[kind])
     with _raises("mask"):
         tx.init(make_params())
+
+
+def _sq(p, b):
+    """Per-example losses for the Fisher mask's cases."""
+    return jnp.sum(p**2) * b
 
 
 def _gsam_schedule(**override):
@@ -370,6 +380,38 @@ PIECE_CASES = [
         "pair_grad_fn",
         "'pair'",
     ),
+    (lambda: sam_optax.centralize({"kernel": "abc"}), "tree", "'abc'"),
+    (lambda: sam_optax.centralize({"kernel": jnp.ones((2, 2))}, axes=0), "axes", "0"),
+    (lambda: sam_optax.centralize({"kernel": jnp.ones(2)}, axes=lambda p, x: 1), "axes", "1"),
+    (lambda: sam_optax.centralized_gradient(axes="last"), "axes", "'last'"),
+    (lambda: sam_optax.centralized_gradient(norm="l1"), "norm", "'l1'"),
+    (lambda: sam_optax.centralized_probe(axes=(0,)), "axes", "(0,)"),
+    (lambda: sam_optax.gcsam(centralize_descent="yes"), "centralize_descent", "'yes'"),
+    (lambda: sam_optax.sparse_mask_perturbation(sparsity=2.0), "sparsity", "2.0"),
+    (lambda: sam_optax.sparse_mask_perturbation(update_every=1.5), "update_every", "1.5"),
+    (lambda: sam_optax.sparse_mask_perturbation(mode="fixed"), "mode", "'fixed'"),
+    (lambda: sam_optax.sparse_mask_perturbation(num_samples=0), "num_samples", "0"),
+    (lambda: sam_optax.sparse_mask_perturbation(drop_rate=-0.5), "drop_rate", "-0.5"),
+    (lambda: sam_optax.sparse_mask_perturbation(mode="dynamic"), "total_steps", "None"),
+    (lambda: sam_optax.sparse_mask_perturbation(total_steps=0), "total_steps", "0"),
+    (lambda: sam_optax.sparse_mask_perturbation(death="norm"), "death", "'norm'"),
+    (lambda: sam_optax.sparse_mask_perturbation(growth=1), "growth", "1"),
+    (lambda: sam_optax.sparse_mask_perturbation(seed=0.5), "seed", "0.5"),
+    (lambda: sam_optax.fisher_mask("f", jnp.ones(2), jnp.ones(3)), "per_example_loss_fn", "'f'"),
+    (lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(())), "batch", "()"),
+    (lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(3), 1.5), "sparsity", "1.5"),
+    (lambda: sam_optax.fisher_mask(_sq, "w", jnp.ones(3)), "params", "'w'"),
+    (
+        lambda: sam_optax.fisher_mask(_sq, jnp.ones(2), jnp.ones(3), num_samples=0),
+        "num_samples",
+        "0",
+    ),
+    (lambda: sam_optax.set_sparse_mask({}, jnp.ones(2, bool)), "opt_state", "SparseMaskState"),
+    (
+        lambda: sam_optax.set_sparse_mask(sam_optax.ssam().init(jnp.ones(2)), jnp.ones(3, bool)),
+        "mask",
+        "bool[3]",
+    ),
     (
         lambda: sam_optax.restore_checkpoint_state(
             {"count": jnp.zeros([], jnp.int32)}, sam_optax.sam().init(make_params())
@@ -460,6 +502,13 @@ AUDITED = {
     "filterwise_gaussian",
     "interpolate",
     "pair_grad_fn",
+    "centralize",
+    "centralized_gradient",
+    "centralized_probe",
+    "kernel_axes",  # a rule: any key path and leaf give axes or None
+    "sparse_mask_perturbation",
+    "fisher_mask",
+    "set_sparse_mask",
 }
 
 
@@ -535,6 +584,7 @@ STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_ste
 STATIC.update(esam={"gamma"}, bsam={"groups"})
 STATIC["esam"] = {"gamma"}
 STATIC["lookbehind_sam"] = {"k"}
+STATIC["ssam_d"] = {"sparsity", "update_every", "num_samples"}  # a count and shapes
 REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}
 REQUIRED["num_data"] = 1000
 

@@ -67,8 +67,9 @@ def make_tx(name):
     base = optax.sgd(0.1, momentum=0.9)
     # ESAM's data selection needs a per-example loss of the batch; these tests train
     # through the helpers' grad_fn only, so ESAM runs with its weight perturbation alone
-    # (its selection is tested in test_esam.py).
-    overrides = {"gamma": 1.0} if name == "esam" else {}
+    # (its selection is tested in test_esam.py). SSAM-F's Fisher mask needs the same
+    # per-example loss: it keeps a fixed mask here (its Fisher is tested in test_ssam.py).
+    overrides = {"esam": {"gamma": 1.0}, "ssam_f": {"update_every": None}}.get(name, {})
     return registry.make_optimizer(
         name, base, learning_rate=0.1, total_steps=STEPS, num_data=64, **overrides
     )

@@ -54,8 +54,22 @@ def test_skipped_step_does_not_run_grad_fn(calls):
         sam_optax.vasso,
         sam_optax.friendly_sam,
         lambda rho, **kw: sam_optax.gam(rho_prime=rho, **kw),
+        lambda **kw: sam_optax.gcsam(axes=lambda path, x: (0,) if x.ndim == 2 else None, **kw),
+        lambda **kw: sam_optax.ssam(update_every=2, mode="dynamic", total_steps=10, **kw),
     ],
-    ids=["sam", "asam", "fisher_sam", "esam", "gsam", "wsam", "vasso", "friendly_sam", "gam"],
+    ids=[
+        "sam",
+        "asam",
+        "fisher_sam",
+        "esam",
+        "gsam",
+        "wsam",
+        "vasso",
+        "friendly_sam",
+        "gam",
+        "gcsam",
+        "ssam_d",
+    ],
 )
 def test_full_policy_reproduces_full_method(method, policy):
     base = optax.sgd(0.05, momentum=0.9)
