@@ -70,6 +70,9 @@ class Method:
         optimizer ``n`` times per training step (Lookbehind-SAM: ``k``); the
         comparison then builds the base's learning-rate schedule over ``n``
         times the training steps, so that it decays over training. ``None``: 1.
+      paper_values: the papers' values of hyperparameters that only the registry
+        has (no constructor default to read them from), where they differ from
+        ``defaults`` (bSAM's learning rate ``alpha``).
     """
 
     name: str
@@ -86,6 +89,7 @@ class Method:
     uses_gradient: bool = True
     loss_term: Callable[[Any, Callable[[Any, Any], Any], Any, Any], Any] | None = None
     base_steps: Callable[[Mapping[str, Any]], int] | None = None
+    paper_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # family -> (title, docs page under docs/methods/).
@@ -450,6 +454,7 @@ METHODS: dict[str, Method] = {
             build=_build_bsam,
             family="bayesian",
             uses_gradient=False,
+            paper_values={"alpha": 0.5},
         ),
         # The official code's CIFAR-10 ResNet setting (main_cifar.py); MNIST-1D, 3 seeds:
         # 94.1 % clean, 70.6 % noisy (SGD 93.3 %, 60.5 %).

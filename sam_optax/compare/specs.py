@@ -52,8 +52,9 @@ class Parameter:
       default: the registry's default (the value used when it is not overridden).
       kind: ``"int"``, ``"float"`` or ``"bool"``.
       schedule: whether an optax schedule is accepted.
-      paper: the constructor's own default (the paper's value), or the registry's
-        for a hyperparameter the constructor does not take.
+      paper: the constructor's own default (the paper's value); for a
+        hyperparameter the constructor does not take, the registry entry's
+        ``paper_values`` or else its default.
     """
 
     name: str
@@ -110,7 +111,8 @@ def parameters(name: str) -> dict[str, Parameter]:
             )
     for key, default in method.defaults.items():
         if key not in found:
-            found[key] = Parameter(key, default, _kind(default, ""), False, default)
+            paper = method.paper_values.get(key, default)
+            found[key] = Parameter(key, default, _kind(default, ""), False, paper)
     return found
 
 
