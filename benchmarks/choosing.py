@@ -230,10 +230,12 @@ def page(data: dict[str, Any], sweeps: Path) -> str:
             "defaults (a test keeps it so on a shorter run)."
         )
     lines += [
-        "- Paper defaults that train worse than SGD here: "
+        "- Paper defaults that the registry changes: "
         + ", ".join(f"`{name}`'s {p.name}" for name, p in changed_defaults())
-        + ". The registry uses the values the sweeps support (next section); the "
-        "constructors keep the papers' values.",
+        + ". Each trains worse than SGD here, only ties it, or belongs to a run of "
+        "another length; the registry uses the values the sweeps support (next "
+        "section, and the method's page for the reason); the constructors keep the "
+        "papers' values.",
         f"- ESAM's paper reports 40 % extra cost over SGD; here it costs "
         f"{cost['esam']:.2f}× SGD. Its data selection runs a full extra forward pass, and "
         "its weight masking saves no compute in a fused step "
