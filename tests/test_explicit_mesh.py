@@ -53,7 +53,7 @@ def gathered(fn):
 def make_tx(case):
     name, overrides = CASES[case]
     return registry.make_optimizer(
-        name, base(), learning_rate=LR, total_steps=TOTAL_STEPS, **overrides
+        name, base(), learning_rate=LR, total_steps=TOTAL_STEPS, num_data=1000, **overrides
     )
 
 
