@@ -133,6 +133,10 @@ def _blue_constants(dtype: Any) -> tuple[float, float, float, float]:
     )
 
 
+def _add3(a: tuple, b: tuple) -> tuple:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
 def global_norm(tree: PyTree) -> jax.Array:
     """Global L2 norm over all leaves, accumulated in float32 (or wider).
 
@@ -149,11 +153,23 @@ def global_norm(tree: PyTree) -> jax.Array:
     t_small, s_small, t_big, s_big = _blue_constants(dtype)
     small, medium, big = [], [], []
     for x in leaves:
-        a = jnp.abs(x)
+        a = jnp.abs(x.astype(dtype))
         is_big, is_small = a > t_big, a < t_small
-        small.append(jnp.square(jnp.where(is_small, a * s_small, 0.0)))
-        big.append(jnp.square(jnp.where(is_big, a * s_big, 0.0)))
-        medium.append(jnp.square(jnp.where(is_big | is_small, 0.0, a)))
+        squares = tuple(
+            jnp.square(q).astype(dtype)  # a float64 scale (under x64) must not promote
+            for q in (
+                jnp.where(is_small, a * s_small, 0.0),
+                jnp.where(is_big | is_small, 0.0, a),
+                jnp.where(is_big, a * s_big, 0.0),
+            )
+        )
+        if not _explicit_axes(x)[1]:
+            # One fused pass over the leaf for the three sums: three separate reductions
+            # of the same input kept params-sized temporaries alive on XLA:CPU.
+            zero = jnp.zeros([], dtype)
+            squares = jax.lax.reduce(squares, (zero,) * 3, _add3, tuple(range(x.ndim)))
+        for sums, part in zip((small, medium, big), squares, strict=True):
+            sums.append(part)
     small_sum, medium_sum, big_sum = total(small), total(medium), total(big)
     norm = jnp.hypot(jnp.sqrt(big_sum) / s_big, jnp.sqrt(medium_sum))
     return jnp.hypot(norm, jnp.sqrt(small_sum) / s_small).astype(dtype)
