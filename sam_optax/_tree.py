@@ -151,7 +151,9 @@ def global_norm(tree: PyTree) -> jax.Array:
         return jnp.zeros([], jnp.float32)
     dtype = jnp.result_type(*leaves)
     t_small, s_small, t_big, s_big = _blue_constants(dtype)
-    small, medium, big = [], [], []
+    small: list[jax.Array] = []
+    medium: list[jax.Array] = []
+    big: list[jax.Array] = []
     for x in leaves:
         a = jnp.abs(x.astype(dtype))
         is_big, is_small = a > t_big, a < t_small
