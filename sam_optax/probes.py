@@ -70,7 +70,31 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
     return x.at[index].get(out_sharding=P(first, *spec[1:]))
 
 
-def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], PyTree]:
+def _select(rise: jax.Array, batch: PyTree, k: int, groups: int) -> PyTree:
+    """The ``k`` examples of largest ``rise`` in each of ``groups`` equal slices of ``batch``.
+
+    With one group the selection is over the whole batch (:func:`_whole`,
+    :func:`_take`). With several, the batch axis ``B`` is split into ``(groups,
+    B / groups)`` and every slice keeps its own top ``k``: a batched ``top_k`` and
+    gather whose leading axis is the batch axis' major part, which XLA's
+    partitioner keeps sharded when the batch is sharded over ``groups`` devices.
+    """
+    if groups == 1:
+        _, index = jax.lax.top_k(_whole(rise), k)
+        return jax.tree.map(lambda x: _take(x, index), batch)
+    split = lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:])  # noqa: E731
+    _, index = jax.lax.top_k(split(rise), k)
+
+    def take(x):
+        kept = jax.vmap(lambda rows, i: jnp.take(rows, i, axis=0))(split(x), index)
+        return kept.reshape(groups * k, *x.shape[1:])
+
+    return jax.tree.map(take, batch)
+
+
+def sharpness_sensitive_data(
+    gamma: float = 0.5, *, groups: int = 1
+) -> Callable[[PyTree, Context], PyTree]:
     r"""ESAM's data selection: the probe gradient on the examples that sharpen most.
 
     .. math::
@@ -91,9 +115,22 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
     leaves have leading axis ``B``). Optional: ``losses``, the per-example clean
     losses ``l_i(w)`` from the first pass, which saves one forward pass.
 
+    With ``groups = G > 1`` the batch is cut into ``G`` equal contiguous slices
+    and each keeps its own ``K / G = max(1, round(gamma B / G))`` examples: set
+    ``G`` to the number of devices the batch is sharded over under ``jax.jit``
+    and every device selects among its own examples, as each process does in the
+    official code (PyTorch DDP, and ``axis_name`` under ``shard_map`` here), and
+    the probe's backward pass stays sharded. With ``G = 1`` the selection is over
+    the global batch: XLA's partitioner then replicates the ``K`` gathered
+    examples on every device when the batch is sharded over Auto mesh axes (each
+    device runs the backward pass on all of them), and keeps them sharded only
+    over Explicit axes.
+
     Args:
       gamma: the fraction of the batch kept, in ``(0, 1]`` (a Python number:
         ``K`` is a static shape).
+      groups: the number of equal slices of the batch that select separately, a
+        positive Python int that divides the batch size.
 
     Returns:
       A probe ``(w_p, ctx) -> g_p`` for :func:`sam_optax.sharpness_aware`.
@@ -120,6 +157,7 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
     _validate.in_range("gamma", gamma, 0.0, 1.0, low_open=True)
     if not isinstance(gamma, int | float) or isinstance(gamma, bool):
         raise ValueError(f"`gamma` must be a Python number in (0, 1], got {gamma!r}.")
+    groups = _validate.integer("groups", groups, 1, static=True)
 
     def probe(w_p, ctx):
         loss_fn = ctx.extra_args.get("per_example_loss_fn")
@@ -138,9 +176,12 @@ def sharpness_sensitive_data(gamma: float = 0.5) -> Callable[[PyTree, Context], 
                     f"sam_optax.esam: `{what}` must give one loss per example, shape "
                     f"({size},), got shape {jnp.shape(value)}."
                 )
+        if size % groups:
+            raise ValueError(
+                f"sam_optax.esam: `groups`={groups} must divide the batch size {size}."
+            )
         rise = jax.lax.stop_gradient(l1 - l0).astype(jnp.float32)
-        _, index = jax.lax.top_k(_whole(rise), _subset_size(gamma, size))
-        sub = jax.tree.map(lambda x: _take(x, index), batch)
+        sub = _select(rise, batch, _subset_size(gamma, size // groups), groups)
         # allow_int: integer leaves of the params get float0 cotangents, passed through.
         return jax.grad(lambda p: jnp.mean(loss_fn(p, sub)), allow_int=True)(w_p)
 

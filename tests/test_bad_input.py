@@ -581,8 +581,7 @@ def test_state_initialised_for_other_params_is_refused(name):
 
 # The structural hyperparameters that optax.inject_hyperparams must leave as numbers.
 STATIC = {"looksam": {"k"}, "ae_sam": {"total_steps"}, "ae_looksam": {"total_steps"}}
-STATIC.update(esam={"gamma"}, bsam={"groups"})
-STATIC["esam"] = {"gamma"}
+STATIC.update(esam={"gamma", "groups"}, bsam={"groups"})
 STATIC["lookbehind_sam"] = {"k"}
 STATIC["ssam_d"] = {"sparsity", "update_every", "num_samples"}  # a count and shapes
 REQUIRED = {"total_steps": 10, "base_optimizer": optax.sgd(0.1), "learning_rate": 0.1}

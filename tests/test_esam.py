@@ -200,3 +200,71 @@ def test_swp_mask_is_the_same_on_every_device():
         assert (kept == kept[:1]).all(), kept  # one pattern across the 8 devices
         patterns.add(tuple(kept[0]))
     assert len(patterns) > 1
+
+
+def _sds_update(tx, params, batch, per_example):
+    grads = jax.grad(lambda p: jnp.mean(per_example(p, batch)))(params)
+    return tx.update(grads, tx.init(params), params, per_example_loss_fn=per_example, batch=batch)[
+        0
+    ]
+
+
+def _per_example(p, d):
+    return (d["x"] @ p["w"] + p["b"] - d["y"]) ** 2
+
+
+@pytest.mark.parametrize("groups, gamma, k", [(2, 0.4, 2), (5, 0.5, 1), (10, 1e-3, 1)])
+def test_groups_select_the_k_sharpest_of_each_slice(groups, gamma, k):
+    """``groups`` contiguous slices of the batch each keep their own top ``K / groups``."""
+    batch = regression()
+    params = {"w": jnp.array([0.3, -0.2, 0.8]), "b": jnp.asarray(0.1)}
+    w, b = np.asarray(params["w"], np.float64), 0.1
+    g_w, g_b = np_grad(w, b, batch, np.arange(10))
+    scale = RHO / (np.sqrt(np.sum(g_w**2) + g_b**2) + EPS)
+    w_p, b_p = w + scale * g_w, b + scale * g_b
+    rise = np_losses(w_p, b_p, batch) - np_losses(w, b, batch)
+    size = 10 // groups
+    chosen = np.concatenate(
+        [j * size + np.argsort(-rise[j * size : (j + 1) * size])[:k] for j in range(groups)]
+    )
+    want_w, want_b = np_grad(w_p, b_p, batch, chosen)
+    tx = sam_optax.esam(RHO, beta=1.0, gamma=gamma, groups=groups)
+    out = jax.jit(lambda p: _sds_update(tx, p, batch, _per_example))(params)
+    np.testing.assert_allclose(np.asarray(out["w"]), want_w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(out["b"]), want_b, rtol=1e-4, atol=1e-5)
+    if groups == 5:  # example 1 (the first pair's sharpest) replaces 3: not the global top 5
+        global_w, _ = np_grad(w_p, b_p, batch, np.argsort(-rise)[: k * groups])
+        assert np.abs(np.asarray(out["w"]) - global_w).max() > 1e-3
+
+
+def test_groups_must_divide_the_batch():
+    params = {"w": jnp.ones(3), "b": jnp.asarray(0.0)}
+    with pytest.raises(ValueError, match="`groups`=3 must divide the batch size 10"):
+        _sds_update(sam_optax.esam(gamma=0.5, groups=3), params, regression(), _per_example)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="`groups`"):
+            sam_optax.esam(groups=bad)
+
+
+def test_groups_keep_the_selection_on_each_device_under_auto_axes():
+    """Batch sharded over 8 devices (Auto axes): with ``groups=8`` every device runs the
+    probe's backward pass on its own ``K / 8`` examples, and the result is one device's."""
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(3)
+    batch = {
+        "x": rng.normal(size=(64, 256)).astype(np.float32),
+        "y": rng.normal(size=64).astype(np.float32),
+    }
+    params = {"w": jnp.asarray(rng.normal(size=256) * 0.1, jnp.float32), "b": jnp.asarray(0.1)}
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
+    flops = {}
+    for groups in (1, 8):
+        tx = sam_optax.esam(RHO, beta=1.0, gamma=0.5, groups=groups)
+        step = jax.jit(lambda p, d, tx=tx: _sds_update(tx, p, d, _per_example))
+        out = step(params, sharded)
+        np.testing.assert_allclose(
+            np.asarray(out["w"]), np.asarray(step(params, batch)["w"]), rtol=1e-5, atol=1e-6
+        )
+        flops[groups] = sam_optax.profile_step(step, params, sharded).flops
+    # One device's program: the backward on 4 of its 8 examples, not on all 32 kept.
+    assert flops[8] < 0.6 * flops[1], flops

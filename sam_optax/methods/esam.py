@@ -23,6 +23,7 @@ def esam(
     beta: float | jax.Array = 0.6,
     gamma: float = 0.5,
     *,
+    groups: int = 1,
     eps: float | jax.Array = 1e-12,
     seed: int = 0,
     mask: Mask = None,
@@ -63,6 +64,10 @@ def esam(
         official code default 1).
       gamma: the fraction of the batch kept for the probe, a Python number in
         ``(0, 1]`` (``static_args``: ``K`` is a shape; paper 0.5, official code 1).
+      groups: the number of equal slices of the batch that select their examples
+        separately (:func:`sam_optax.sharpness_sensitive_data`): under ``jax.jit``
+        with the batch sharded over ``n`` devices, ``groups=n`` keeps the
+        selection and the probe's backward pass on each device.
       eps: added to the norm that is divided by.
       seed: the seed of the mask's key (kept in the state, replicated over devices).
       mask: pytree of booleans (or a function of the params): leaves that may be
@@ -96,7 +101,8 @@ def esam(
     perturbation = (
         normalized_gradient() if swp_off else stochastic_weight_perturbation(beta, seed=seed)
     )
-    probe = sharpness_sensitive_data(gamma)  # validates gamma; gamma = 1 switches SDS off
+    # Validates gamma and groups; gamma = 1 switches SDS off.
+    probe = sharpness_sensitive_data(gamma, groups=groups)
     return sharpness_aware(
         perturbation,
         policy=policy,
