@@ -92,21 +92,21 @@ def total(parts: list[jax.Array]) -> jax.Array:
     cross-device sums into one collective. The result is a float32 (or wider) scalar.
     """
     dtype = jnp.result_type(jnp.float32, *(x.dtype for x in parts)) if parts else jnp.float32
+    local: list[jax.Array] = []  # one scalar per part outside Explicit axes
     groups: dict[tuple[Any, frozenset[str]], jax.Array] = {}
     for x in parts:
-        x = x.astype(dtype)
+        x = x if x.dtype == dtype else x.astype(dtype)
         mesh, axes = key = _explicit_axes(x)
         if axes:
             unreduced = NamedSharding(mesh, PartitionSpec(unreduced=axes))
             part = jax.lax.reduce_sum(x, tuple(range(x.ndim)), out_sharding=unreduced)
+            groups[key] = part if key not in groups else groups[key] + part
         else:
-            part = jnp.sum(x)
-        groups[key] = part if key not in groups else groups[key] + part
-    out = jnp.zeros([], dtype)
-    for (mesh, axes), part in groups.items():
-        if axes:
-            part = jax.sharding.reshard(part, NamedSharding(mesh, PartitionSpec()))
-        out = out + part
+            local.append(x if x.ndim == 0 else jnp.sum(x))
+    # One stacked sum rather than a chain of scalar additions: fewer operations to trace.
+    out = jnp.sum(jnp.stack(local)) if local else jnp.zeros([], dtype)
+    for (mesh, _), part in groups.items():
+        out = out + jax.sharding.reshard(part, NamedSharding(mesh, PartitionSpec()))
     return out
 
 
@@ -137,6 +137,35 @@ def _add3(a: tuple, b: tuple) -> tuple:
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
+def _blue_squares(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The squares of Blue's small, medium and large entries of ``a = |x|``, scaled."""
+    t_small, s_small, t_big, s_big = _blue_constants(a.dtype)
+    is_big, is_small = a > t_big, a < t_small
+    small, medium, big = (
+        jnp.square(q).astype(a.dtype)  # a float64 scale (under x64) must not promote
+        for q in (
+            jnp.where(is_small, a * s_small, 0.0),
+            jnp.where(is_big | is_small, 0.0, a),
+            jnp.where(is_big, a * s_big, 0.0),
+        )
+    )
+    return small, medium, big
+
+
+@jax.jit
+def _blue_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Blue's three sums of squares of one leaf, in one fused pass over it.
+
+    Three separate reductions of the same input kept params-sized temporaries alive
+    on XLA:CPU. Jitted so that JAX traces it once per leaf shape and dtype, not once
+    per leaf: a Transformer's blocks repeat the same few shapes, and the trace of
+    every norm of a step (LookSAM takes five) otherwise grows with the leaf count.
+    XLA inlines the call; the compiled program is the same.
+    """
+    zero = jnp.zeros([], x.dtype)
+    return jax.lax.reduce(_blue_squares(jnp.abs(x)), (zero,) * 3, _add3, tuple(range(x.ndim)))
+
+
 def global_norm(tree: PyTree) -> jax.Array:
     """Global L2 norm over all leaves, accumulated in float32 (or wider).
 
@@ -150,28 +179,16 @@ def global_norm(tree: PyTree) -> jax.Array:
     if not leaves:
         return jnp.zeros([], jnp.float32)
     dtype = jnp.result_type(*leaves)
-    t_small, s_small, t_big, s_big = _blue_constants(dtype)
     small: list[jax.Array] = []
     medium: list[jax.Array] = []
     big: list[jax.Array] = []
     for x in leaves:
-        a = jnp.abs(x.astype(dtype))
-        is_big, is_small = a > t_big, a < t_small
-        squares = tuple(
-            jnp.square(q).astype(dtype)  # a float64 scale (under x64) must not promote
-            for q in (
-                jnp.where(is_small, a * s_small, 0.0),
-                jnp.where(is_big | is_small, 0.0, a),
-                jnp.where(is_big, a * s_big, 0.0),
-            )
-        )
-        if not _explicit_axes(x)[1]:
-            # One fused pass over the leaf for the three sums: three separate reductions
-            # of the same input kept params-sized temporaries alive on XLA:CPU.
-            zero = jnp.zeros([], dtype)
-            squares = jax.lax.reduce(squares, (zero,) * 3, _add3, tuple(range(x.ndim)))
+        x = x.astype(dtype)
+        # Explicit-mesh leaves keep their squares for `total`'s unreduced partial sums.
+        squares = _blue_squares(jnp.abs(x)) if _explicit_axes(x)[1] else _blue_sums(x)
         for sums, part in zip((small, medium, big), squares, strict=True):
             sums.append(part)
+    _, s_small, _, s_big = _blue_constants(dtype)
     small_sum, medium_sum, big_sum = total(small), total(medium), total(big)
     norm = jnp.hypot(jnp.sqrt(big_sum) / s_big, jnp.sqrt(medium_sum))
     return jnp.hypot(norm, jnp.sqrt(small_sum) / s_small).astype(dtype)
