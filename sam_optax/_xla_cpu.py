@@ -11,7 +11,7 @@ probing step inside ``lax.cond`` 4x slower than the same step without the
 conditional.
 
 :func:`canonical_convolutions` does the pass's rewrite at the jaxpr level: it
-traces a function and re-evaluates its jaxpr with every convolution expressed as
+traces a function and copies its jaxpr with every convolution expressed as
 a transpose, a canonical convolution and a transpose back. The arithmetic is the
 same (the transposes only relabel dimensions). The function is traced once; when
 its jaxpr holds a convolution, the rewritten copy of that jaxpr is staged with
@@ -26,7 +26,7 @@ rewrite.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,9 +37,10 @@ from jax.extend import core as jcore
 PyTree = Any
 
 
-def _canonical_convolution(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
-    """``conv_general_dilated`` with canonical dimension numbers, transposing around it."""
-    dims = params["dimension_numbers"]
+def _canonical_equations(eqn: jcore.JaxprEqn) -> list[jcore.JaxprEqn]:
+    """A convolution equation as a transpose of each operand, a convolution with
+    canonical dimension numbers and a transpose back into the original output."""
+    dims = eqn.params["dimension_numbers"]
     n = len(dims.lhs_spec)
     spatial = tuple(range(1, n - 1))
     lhs_order = (dims.lhs_spec[0], *dims.lhs_spec[2:], dims.lhs_spec[1])
@@ -50,12 +51,21 @@ def _canonical_convolution(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax
         rhs_spec=(n - 1, n - 2, *range(n - 2)),
         out_spec=(0, n - 1, *spatial),
     )
-    out = lax.conv_general_dilated_p.bind(
-        lax.transpose(lhs, lhs_order),
-        lax.transpose(rhs, rhs_order),
-        **{**params, "dimension_numbers": canonical},
-    )
-    return lax.transpose(out, tuple(int(i) for i in np.argsort(out_order)))
+
+    def equation(invars, primitive, params, outvars=None):
+        avals, effects = primitive.abstract_eval(*(v.aval for v in invars), **params)
+        outvars = outvars or [jcore.Var(avals)]
+        return outvars[0], jcore.new_jaxpr_eqn(
+            invars, outvars, primitive, params, effects, eqn.source_info, eqn.ctx
+        )
+
+    lhs, lhs_eqn = equation([eqn.invars[0]], lax.transpose_p, {"permutation": lhs_order})
+    rhs, rhs_eqn = equation([eqn.invars[1]], lax.transpose_p, {"permutation": rhs_order})
+    params = {**eqn.params, "dimension_numbers": canonical}
+    out, conv_eqn = equation([lhs, rhs], lax.conv_general_dilated_p, params)
+    back = tuple(int(i) for i in np.argsort(out_order))
+    _, out_eqn = equation([out], lax.transpose_p, {"permutation": back}, eqn.outvars)
+    return [lhs_eqn, rhs_eqn, conv_eqn, out_eqn]
 
 
 def _inlinable(eqn: jcore.JaxprEqn) -> bool:
@@ -72,35 +82,27 @@ def _inlinable(eqn: jcore.JaxprEqn) -> bool:
     )
 
 
-def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    env: dict[Any, Any] = {}
+def _rewritten(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
+    """``jaxpr`` with its convolutions (and those of nested ``jit`` calls) canonical.
 
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    env.update(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
+    Built equation by equation from the traced jaxpr: nothing is traced or bound
+    again, so the CPU variant costs the trace next to nothing.
+    """
+    eqns: list[jcore.JaxprEqn] = []
     for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
         if eqn.primitive is lax.conv_general_dilated_p:
-            outvals = [_canonical_convolution(*invals, **eqn.params)]
-        elif _inlinable(eqn):
+            eqns.extend(_canonical_equations(eqn))
+        elif _inlinable(eqn) and _rewrites(eqn.params["jaxpr"].jaxpr):
             inner = eqn.params["jaxpr"]
-            outvals = _evaluate(inner.jaxpr, inner.consts, invals)
+            inner = jcore.ClosedJaxpr(_rewritten(inner.jaxpr), inner.consts)
+            eqns.append(eqn.replace(params={**eqn.params, "jaxpr": inner}))
         else:
-            bind_params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns = ()
-            if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-                subfuns, bind_params = bind_params
-            outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-            if not eqn.primitive.multiple_results:
-                outvals = [outvals]
-        env.update(zip(eqn.outvars, outvals, strict=True))
-    return [read(v) for v in jaxpr.outvars]
+            eqns.append(eqn)
+    return jaxpr.replace(eqns=eqns)
 
 
 def _rewrites(jaxpr: jcore.Jaxpr) -> bool:
-    """Whether :func:`_evaluate` would rewrite a convolution of ``jaxpr``."""
+    """Whether :func:`_rewritten` would rewrite a convolution of ``jaxpr``."""
     return any(
         eqn.primitive is lax.conv_general_dilated_p
         or (_inlinable(eqn) and _rewrites(eqn.params["jaxpr"].jaxpr))
@@ -144,7 +146,9 @@ def canonical_convolutions(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
         closed, flat, out_tree = _staged(fn, *args)
         as_is = jcore.jaxpr_as_fun(closed)  # binds the one `jit` equation: no new trace
         if _rewrites(closed.jaxpr):
-            canonical = lambda *leaves: _evaluate(closed.jaxpr, closed.consts, leaves)  # noqa: E731
+            canonical = jcore.jaxpr_as_fun(
+                jcore.ClosedJaxpr(_rewritten(closed.jaxpr), closed.consts)
+            )
             outs = lax.platform_dependent(*flat, cpu=canonical, default=as_is)
         else:
             outs = as_is(*flat)
