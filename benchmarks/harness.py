@@ -518,21 +518,27 @@ class Section(NamedTuple):
     markdown: str
 
 
-def platform() -> str:
-    """The platform of the default device (``cpu``, ``gpu``, ``tpu``)."""
-    return jax.devices()[0].platform
+def platform(devices: Sequence[Any] | None = None) -> str:
+    """The platform (``cpu``, ``gpu``, ``tpu``) of ``devices``, by default JAX's devices."""
+    return (devices or jax.devices())[0].platform
 
 
-def environment(quick: bool) -> str:
-    """One line naming the device, the versions, the date and the mode."""
-    device = jax.devices()[0]
+def environment(quick: bool, devices: Sequence[Any] | None = None) -> str:
+    """One line naming the device, the versions, the date and the mode.
+
+    ``devices``: the devices the programs are compiled for, by default JAX's own;
+    a TPU topology with no chip attached (``scale.py --tpu``) is named as such.
+    """
+    devices = devices or jax.devices()
+    device = devices[0]
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}" for name in ("jax", "jaxlib", "optax", "flax")
     )
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mode = "quick mode (smaller models, few rounds)" if quick else "full mode"
     return (
-        f"Device: {device.device_kind} ({device.platform}, {jax.device_count()} device(s)); "
+        f"Device: {device.device_kind} ({device.platform}, {len(devices)} device(s)"
+        f"{'' if devices[0] in jax.devices() else ', compiled for a topology, no chip attached'}); "
         f"{versions}, sam_optax {sam_optax.__version__}; {date}; {mode}."
     )
 
@@ -551,10 +557,15 @@ def verdict(value: float, bound: float | None) -> str:
     return "pass" if value <= bound else "FAIL"
 
 
-def section(name: str, title: str, quick: bool, body: str) -> Section:
-    """A section keyed ``name-platform``, so a GPU table sits beside the CPU one."""
-    key = f"{name}-{platform()}"
-    text = f"### {title} — {platform()}\n\n{environment(quick)}\n\n{body}\n"
+def section(
+    name: str, title: str, quick: bool, body: str, devices: Sequence[Any] | None = None
+) -> Section:
+    """A section keyed ``name-platform``, so a GPU table sits beside the CPU one.
+
+    ``devices``: those the section's programs ran on or were compiled for.
+    """
+    key = f"{name}-{platform(devices)}"
+    text = f"### {title} — {platform(devices)}\n\n{environment(quick, devices)}\n\n{body}\n"
     return Section(key, text)
 
 

@@ -72,3 +72,25 @@ def test_fsdp_spec_shards_the_largest_dimension_that_divides():
     assert scale.fsdp_spec(jnp.zeros((3, 16, 8)), 8) == P(None, "data")
     assert scale.fsdp_spec(jnp.zeros((5, 3)), 8) == P()
     assert scale.fsdp_spec(jnp.zeros(()), 8) == P()
+
+
+def test_an_unknown_tpu_topology_is_named():
+    """``--tpu`` compiles for a TPU topology with libtpu's compile-only client; without
+    libtpu, or for a topology it does not know, the run stops and says why."""
+    with pytest.raises(SystemExit, match="--tpu 'v0:1x1': no such TPU topology here"):
+        scale.main(["--quick", "--tpu", "v0:1x1"])
+
+
+def test_esam_selects_on_each_device_under_jit_only(monkeypatch):
+    """Under jit ESAM gets ``groups`` = the number of devices; under shard_map each
+    device already sees its own batch."""
+    seen, original = [], scale.registry.make_optimizer
+
+    def spy(name, *args, **kwargs):
+        seen.append(kwargs.get("groups"))
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(scale.registry, "make_optimizer", spy)
+    esam = scale.contenders(["esam"], devices=8)[1]
+    esam.make(None), esam.make("data")
+    assert seen == [8, None]
