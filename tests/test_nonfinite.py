@@ -17,12 +17,12 @@ import optax
 import pytest
 from test_common import METHODS, _rho, make_params, quadratic_loss
 
+from sam_optax import registry
+
 names = pytest.mark.parametrize("name", sorted(METHODS))
-# Methods that never read the incoming gradient, and why.
-IGNORES_INCOMING_GRADIENT = {
-    "sampa": "both its gradients come from grad_fn (x̃ and y, never w)",
-    "bsam": "both its gradients come from grad_fn (a posterior sample and w + e)",
-}
+# Methods that never read the incoming gradient: both their gradients come from
+# grad_fn (SAMPa: at x̃ and y; bSAM: at a posterior sample and at w + e).
+IGNORES_INCOMING_GRADIENT = {n for n, m in registry.METHODS.items() if not m.uses_gradient}
 BAD = pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 
 
