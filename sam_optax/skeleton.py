@@ -94,6 +94,25 @@ def _prune(full: PyTree, part: PyTree) -> PyTree:
     return jax.tree.map(lambda p, f: p if _is_masked(p) else f, part, full, is_leaf=_is_masked)
 
 
+def _whole_params(params: PyTree, extra_args: dict, name: str) -> PyTree | None:
+    """The ``full_params`` of ``update`` when ``params`` is part of the model, else None.
+
+    Inside ``optax.masked`` (and its relatives) ``params`` holds ``MaskedNode`` for
+    the other groups' leaves; without ``full_params`` a gradient cannot be taken of
+    the whole model, and :func:`_part_of_model` says so.
+    """
+    full_params = extra_args.get("full_params")
+    if full_params is None and _has_masked_nodes(params):
+        raise _part_of_model(name)
+    return full_params
+
+
+def _on_whole_model(fn: Callable[[PyTree], PyTree], part: PyTree, full: PyTree | None) -> PyTree:
+    """``fn(part)``; for a part of the model, ``fn`` of the whole params with ``part``'s
+    leaves (:func:`_fill`), cut back to ``part``'s leaves (:func:`_prune`)."""
+    return fn(part) if full is None else _prune(fn(_fill(part, full)), part)
+
+
 def check_state(state: Any, expected: Any, name: str) -> None:
     """Raises a ``ValueError`` naming ``name`` unless ``state`` fits ``expected``.
 
@@ -275,9 +294,7 @@ def sharpness_aware(
                 f"sam_optax.{name}: `grad_fn` must be a function params -> grads, "
                 f"got {grad_fn!r} of type {type(grad_fn).__name__}."
             )
-        full_params = extra_args.get("full_params")
-        if full_params is None and _has_masked_nodes(params):
-            raise _part_of_model(name)
+        full_params = _whole_params(params, extra_args, name)
         check_state(state, jax.eval_shape(init_fn, params), name)
         floating = _tree.floating_flags(params)
         flags = [
@@ -288,12 +305,10 @@ def sharpness_aware(
         ctx = Context(params, state.count, rho_t, eps, axis_name, extra_args, flags)
 
         def evaluate(w_p):
-            if full_params is not None:  # inside optax.masked: probe the whole model
-                w_full = _fill(w_p, full_params)
-                if probe is None:
-                    return _prune(grad_fn(w_full), w_p)
-                return _prune(probe(w_full, ctx._replace(params=full_params)), w_p)
-            return grad_fn(w_p) if probe is None else probe(w_p, ctx)
+            if probe is None:
+                return _on_whole_model(grad_fn, w_p, full_params)
+            whole = ctx if full_params is None else ctx._replace(params=full_params)
+            return _on_whole_model(lambda w: probe(w, whole), w_p, full_params)
 
         def shift(w, d, keep):
             return (w.astype(_tree.accum_dtype(w.dtype)) + d).astype(w.dtype) if keep else w

@@ -14,11 +14,9 @@ from sam_optax.distributed import _group_mean, _split
 from sam_optax.skeleton import (
     ScalarOrSchedule,
     _check_probe,
-    _fill,
-    _has_masked_nodes,
     _missing,
-    _part_of_model,
-    _prune,
+    _on_whole_model,
+    _whole_params,
     check_state,
 )
 
@@ -250,16 +248,14 @@ def bsam(
         del updates  # every gradient bSAM uses is its own (see the docstring)
         if params is None:
             raise _missing("`params`", "bsam")
-        full_params = extra_args.get("full_params")
-        if full_params is None and _has_masked_nodes(params):
-            raise _part_of_model("bsam")
+        full_params = _whole_params(params, extra_args, "bsam")
         check_state(state, jax.eval_shape(init_fn, params), "bsam")
         s, w = state.precision, _tree.to_accum(params)
         rho_t = rho(state.count) if callable(rho) else rho
 
         def at(grad_of, p):
             """The gradient at ``p`` (the whole model's, cut to these leaves), in m's dtypes."""
-            g = _prune(grad_of(_fill(p, full_params)), p) if full_params is not None else grad_of(p)
+            g = _on_whole_model(grad_of, p, full_params)
             _check_probe(g, params, "bsam")
             return _tree.cast_like(_tree.to_accum(g), state.momentum)
 

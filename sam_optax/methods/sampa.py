@@ -16,10 +16,10 @@ from sam_optax.skeleton import (
     ScalarOrSchedule,
     _check_probe,
     _fill,
-    _has_masked_nodes,
     _missing,
-    _part_of_model,
+    _on_whole_model,
     _prune,
+    _whole_params,
     check_state,
 )
 
@@ -169,9 +169,7 @@ def sampa(
                 f"sam_optax.sampa: `{'grad_fn' if pair_grad_fn is None else 'pair_grad_fn'}` "
                 f"must be a function, got {oracle!r} of type {type(oracle).__name__}."
             )
-        full_params = extra_args.get("full_params")
-        if full_params is None and _has_masked_nodes(params):
-            raise _part_of_model("sampa")
+        full_params = _whole_params(params, extra_args, "sampa")
         check_state(state, jax.eval_shape(init_fn, params), "sampa")
         floating = _tree.floating_flags(params)
         flags = [k and f for k, f in zip(_tree.resolve_mask(mask, params), floating, strict=True)]
@@ -206,11 +204,13 @@ def sampa(
         y = moved(trial, floating)
 
         def evaluate(pair):
-            if full_params is not None:  # inside optax.masked: evaluate the whole model
-                full = [_fill(p, full_params) for p in pair]
-                outs = oracle(*full) if pair_grad_fn is not None else [oracle(p) for p in full]
-                return [_prune(o, p) for o, p in zip(outs, pair, strict=True)]
-            return oracle(*pair) if pair_grad_fn is not None else [oracle(p) for p in pair]
+            if pair_grad_fn is None:
+                return [_on_whole_model(oracle, p, full_params) for p in pair]
+            if full_params is None:
+                return oracle(*pair)
+            # Inside optax.masked: both points of the whole model, cut back to the part.
+            outs = oracle(*(_fill(p, full_params) for p in pair))
+            return [_prune(o, p) for o, p in zip(outs, pair, strict=True)]
 
         grads = evaluate((x_tilde, y))
         if not (isinstance(grads, tuple | list) and len(grads) == 2):
