@@ -15,8 +15,9 @@ behind every method. Layouts:
   partitioner inserts the gathers);
 - ``shard_map``: params replicated, each device differentiates its own batch
   (m-sharpness, ``m`` = per-device batch, ``docs/multi_device.md`` section 2); the
-  methods are built with ``axis_name`` and average their output; ERM and MSAM
-  average the gradient first, ``optax.contrib.sam`` averages its probe gradient.
+  methods are built with ``axis_name`` and average their output; ERM and the methods
+  without ``axis_name`` (MSAM, SWA, MESA, SAMPa, bSAM) average every gradient first,
+  ``optax.contrib.sam`` averages its probe gradient.
 
 Usage::
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -243,7 +245,9 @@ def _registry(
     name: str, label: str | None = None, jit_overrides: dict | None = None, **overrides: Any
 ) -> Contender:
     """A registry method; ``jit_overrides`` apply under ``jax.jit`` only (not ``shard_map``)."""
-    takes_axis = name not in ("sgd", "msam", "bsam")
+    constructor = registry.METHODS[name].constructor
+    parameters = inspect.signature(constructor).parameters if constructor else {}
+    takes_axis = "axis_name" in parameters
 
     def make(axis_name):
         extra = {"axis_name": axis_name} if takes_axis and axis_name else {}
@@ -361,8 +365,10 @@ def shard_map_step(
         (loss, (losses, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         if not contender.local:
             grads = jax.lax.pmean(grads, AXIS)
+        local_grad = jax.grad(lambda p: loss_fn(p)[0])
         inputs = harness.StepInputs(
-            grad_fn=jax.grad(lambda p: loss_fn(p)[0]),
+            # A method without axis_name (bSAM, SAMPa) gets averaged gradients from it too.
+            grad_fn=local_grad if contender.local else lambda p: jax.lax.pmean(local_grad(p), AXIS),
             per_example_loss_fn=lambda p, b: model.per_example_loss(p, model_state, b)[0],
             batch=batch,
             losses=losses,
