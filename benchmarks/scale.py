@@ -586,17 +586,17 @@ def run(
     for key in model_keys:
         model = every[key]
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(model.init)[0]))
-        # The first trace and lowering of a model pay one-off costs (Flax's module
-        # setup, JAX's caches of its primitives): paid here, not in ERM's row.
-        warm = prepare(model, layouts[0], contenders([])[0], mesh)
+        warm_step, warm_args, _ = prepare(model, layouts[0], contenders([])[0], mesh)
         for layout in layouts:
             rows = []
             for contender in contenders(methods, len(devices)):
                 # Every row is the first compile of its method in a process that has
-                # traced the model: what earlier rows cached (the norm's per-shape
-                # trace) is cleared, and the model's one-off costs are paid again here.
+                # traced the model: JAX's caches are cleared (what earlier rows cached,
+                # such as the norm's per-shape trace), then ERM's step is traced and
+                # lowered, so that the model's one-off costs (Flax's module setup,
+                # JAX's caches of its primitives) are paid here, not in the row.
                 jax.clear_caches()
-                warm[0].trace(*warm[1]).lower()
+                warm_step.trace(*warm_args).lower()
                 harness.progress(f"scale: {key} {layout} {contender.label}")
                 rows.append(measure(model, layout, contender, mesh))
                 harness.progress(

@@ -84,12 +84,13 @@ def _explicit_axes(x: jax.Array) -> tuple[Any, frozenset[str]]:
 
 
 def total(parts: list[jax.Array]) -> jax.Array:
-    """``Σ`` over every entry of every array in ``parts``, with one reduction across devices.
+    """``Σ`` over every entry of every array in ``parts``, a float32 (or wider) scalar.
 
     Each array is summed on its own shard first. Under an Explicit mesh the partial
     sums stay unreduced (no communication) and are added together, then reduced
-    across devices once per set of mesh axes; elsewhere XLA combines the per-leaf
-    cross-device sums into one collective. The result is a float32 (or wider) scalar.
+    across devices once per set of mesh axes. Elsewhere XLA's partitioner reduces
+    each part across devices on its own: the TPU compiler and XLA's GPU pipeline
+    combine those collectives, XLA:CPU keeps one per part (``docs/scale.md``).
     """
     dtype = jnp.result_type(jnp.float32, *(x.dtype for x in parts)) if parts else jnp.float32
     local: list[jax.Array] = []  # one scalar per part outside Explicit axes
@@ -172,8 +173,9 @@ def global_norm(tree: PyTree) -> jax.Array:
     Complex leaves count ``|x|² = Re(x)² + Im(x)²``. Blue's algorithm (LAPACK's
     ``nrm2``) keeps three sums of squares, of the small, medium and large entries
     scaled by powers of two, so that finite entries anywhere in the dtype's range
-    give a finite, accurate norm with no second pass. Each sum needs one reduction
-    across devices, whatever the number of leaves. Non-finite inputs propagate.
+    give a finite, accurate norm with no second pass. Under an Explicit mesh each sum
+    needs one reduction across devices, whatever the number of leaves (:func:`total`).
+    Non-finite inputs propagate.
     """
     leaves = [r for x in jax.tree.leaves(tree) for r in _real_parts(jnp.asarray(x))]
     if not leaves:
